@@ -1,0 +1,142 @@
+"""mmdetection checkpoint -> instseg checkpoint.
+
+mmdetection v2 and v3 share key names (``specs`` section 4); instseg keeps them except that
+RoI-head stages live under ``roi_head.stages.{t}``:
+
+    roi_head.bbox_head[.{t}].X  -> roi_head.stages.{t}.box_head.X
+    roi_head.mask_head[.{t}].X  -> roi_head.stages.{t}.mask_head.X
+
+Everything else (``backbone.``, ``neck.``, ``rpn_head.``, ``roi_head.semantic_head.``) maps
+unchanged.  Old v1 checkpoints (no ``roi_head.`` prefix, background in row 0 of ``fc_cls`` and
+channel 0 of ``conv_logits``) are upgraded on the way, as mmdetection's
+``upgrade_model_version.py`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from instseg.config.load import apply_overrides, to_dict
+from instseg.config.presets import get_preset
+from instseg.config.schema import Config
+
+_V1_PREFIXES = ("bbox_head.", "mask_head.", "semantic_head.")
+_STAGE_KEY = re.compile(r"^roi_head\.(bbox_head|mask_head)\.(?:(\d+)\.)?(.*)$")
+
+
+class ConversionError(ValueError):
+    """The checkpoint does not fit the chosen preset."""
+
+
+def _upgrade_v1(state: dict[str, Tensor], num_classes: int) -> dict[str, Tensor]:
+    """v1 layout -> v2 layout: add ``roi_head.``, move background from first to last."""
+    out: dict[str, Tensor] = OrderedDict()
+    for key, value in state.items():
+        if key.startswith(_V1_PREFIXES):
+            key = "roi_head." + key
+            if re.search(r"bbox_head(\.\d+)?\.fc_cls\.", key) and value.shape[0] == num_classes + 1:
+                value = torch.cat([value[1:], value[:1]])
+            elif re.search(r"bbox_head(\.\d+)?\.fc_reg\.", key) and value.shape[0] == 4 * (num_classes + 1):
+                value = value[4:]
+            elif re.search(r"mask_head(\.\d+)?\.conv_logits\.", key) and value.shape[0] == num_classes + 1:
+                value = value[1:]
+        out[key] = value
+    return out
+
+
+def convert_state_dict(state: dict[str, Tensor], num_classes: int) -> dict[str, Tensor]:
+    """Renames mmdetection keys to instseg keys (floats cast to float32)."""
+    if any(k.startswith(_V1_PREFIXES) for k in state):
+        state = _upgrade_v1(state, num_classes)
+    out: dict[str, Tensor] = OrderedDict()
+    for key, value in state.items():
+        if key.startswith("data_preprocessor."):
+            continue
+        m = _STAGE_KEY.match(key)
+        if m:
+            kind, stage, rest = m.group(1), m.group(2) or "0", m.group(3)
+            key = f"roi_head.stages.{stage}.{'box_head' if kind == 'bbox_head' else 'mask_head'}.{rest}"
+        out[key] = value.float() if value.is_floating_point() else value
+    return out
+
+
+def _class_names(meta: dict) -> list[str] | None:
+    ds = meta.get("dataset_meta") or {}
+    names = ds.get("classes") or meta.get("CLASSES")
+    return list(names) if names else None
+
+
+def convert_checkpoint(src: str | Path, cfg: Config, cat_ids: list[int] | None = None) -> dict:
+    """Loads an mmdetection ``.pth`` and returns an instseg checkpoint dict for ``cfg``.
+
+    The state dict is checked against a model built from ``cfg``: every key must exist with the
+    same shape, so a wrong preset fails here with the offending keys named, not at inference.
+    """
+    from instseg.modeling.zoo import build_model
+
+    raw = torch.load(src, map_location="cpu", weights_only=False)
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict):
+        raise ConversionError(f"{src}: expected an mmdetection checkpoint with a 'state_dict'")
+    meta = raw.get("meta", {}) if isinstance(raw, dict) else {}
+    converted = convert_state_dict(state, cfg.model.num_classes)
+    model = build_model(cfg.model)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(converted) if expected[k].shape != converted[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[:4]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:4]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} shape mismatches (e.g. {k}: checkpoint {tuple(converted[k].shape)} vs "
+                f"model {tuple(expected[k].shape)}); a different class count needs --set model.num_classes=N"
+            )
+        raise ConversionError(f"{src} does not fit preset {cfg.name!r}: " + "; ".join(parts))
+    names = _class_names(meta) or [f"class_{i}" for i in range(cfg.model.num_classes)]
+    ids = cat_ids or list(range(1, cfg.model.num_classes + 1))
+    if len(names) != cfg.model.num_classes or len(ids) != cfg.model.num_classes:
+        raise ConversionError(
+            f"{src}: {len(names)} class names / {len(ids)} category ids, but the preset has "
+            f"{cfg.model.num_classes} classes"
+        )
+    return {
+        "format": "instseg-v1",
+        "model": converted,
+        "config": to_dict(cfg),
+        "classes": {"cat_ids": ids, "class_names": names},
+        "source": {"mmdet_checkpoint": str(src), "mmdet_version": meta.get("mmdet_version", "unknown")},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="instseg convert mmdet", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="mmdetection .pth file")
+    parser.add_argument("--config", required=True, help="instseg preset the weights belong to")
+    parser.add_argument("--out", required=True, help="output instseg checkpoint (.pt)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument(
+        "--cat-ids", default="", help="comma-separated COCO category ids of the classes (default 1..N)"
+    )
+    args = parser.parse_args(argv)
+    cfg = apply_overrides(get_preset(args.config), assignments=args.set)
+    cat_ids = [int(x) for x in args.cat_ids.split(",") if x.strip()] or None
+    ckpt = convert_checkpoint(args.checkpoint, cfg, cat_ids)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(out)
+    print(f"wrote {out} ({len(ckpt['model'])} tensors, preset {cfg.name}, classes {ckpt['classes']['class_names']})")
+    return 0

@@ -1,0 +1,1 @@
+"""Dense (per-location) heads."""

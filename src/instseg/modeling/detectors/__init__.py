@@ -1,0 +1,1 @@
+"""Detectors: backbone + neck + heads, with ``loss`` and ``predict``."""

@@ -1,0 +1,108 @@
+"""Two-stage detectors (Mask R-CNN, Cascade Mask R-CNN, HTC): backbone -> FPN -> RPN -> RoI head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from instseg.modeling.dense_heads.rpn import RPNHead
+from instseg.modeling.roi_heads.cascade import CascadeRoIHead, RoIPredictions
+from instseg.ops.boxes import rescale_boxes
+from instseg.structures.instances import Detections, ImageBatch, ImageTargets
+from instseg.structures.masks import paste_masks
+
+
+@dataclass
+class Intermediates:
+    """What ``predict_raw`` exposes for parity checks against mmdetection."""
+
+    fpn: list[Tensor]
+    proposals: list[Tensor]
+    proposal_scores: list[Tensor]
+    semantic_logits: Tensor | None
+    semantic_feat: Tensor | None
+    roi: list[RoIPredictions]
+
+
+class TwoStageDetector(nn.Module):
+    """``forward(batch, targets)`` returns the loss dict; ``predict(batch)`` returns Detections.
+
+    The loss dict holds every named term, metrics such as ``acc`` (not summed) and ``loss``,
+    the sum of all entries whose name contains ``loss`` (what mmdetection's ``parse_losses``
+    back-propagates).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        neck: nn.Module,
+        rpn_head: RPNHead,
+        roi_head: CascadeRoIHead,
+        pad_masks_to_input: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.rpn_head = rpn_head
+        self.roi_head = roi_head
+        # mmdet's Mask R-CNN pads GT masks to the padded input (pad_mask=True); HTC does not.
+        # It only changes mask targets of RoIs that cross the bottom/right image border.
+        self.pad_masks_to_input = pad_masks_to_input
+
+    def extract_feats(self, images: Tensor) -> list[Tensor]:
+        return self.neck(self.backbone(images))
+
+    def forward(
+        self, batch: ImageBatch, targets: Sequence[ImageTargets] | None = None
+    ) -> dict[str, Tensor] | list[Detections]:
+        if targets is None:
+            return self.predict(batch)
+        return self.loss(batch, targets)
+
+    def loss(self, batch: ImageBatch, targets: Sequence[ImageTargets]) -> dict[str, Tensor]:
+        device = batch.images.device
+        targets = [t.to(device) for t in targets]
+        if self.pad_masks_to_input:
+            targets = [
+                ImageTargets(t.boxes, t.labels, t.masks.pad(batch.padded_size) if t.masks is not None else None, t.semantic)
+                for t in targets
+            ]
+        feats = self.extract_feats(batch.images)
+        logits, deltas = self.rpn_head(feats)
+        losses = self.rpn_head.loss(logits, deltas, batch.image_sizes, [t.boxes for t in targets])
+        proposals, _ = self.rpn_head.proposals(logits, deltas, batch.image_sizes, self.rpn_head.train_proposals)
+        losses.update(self.roi_head.loss(feats, proposals, targets, batch.image_sizes))
+        losses["loss"] = sum(v for k, v in losses.items() if "loss" in k)
+        return losses
+
+    @torch.no_grad()
+    def predict_raw(self, batch: ImageBatch, *, with_masks: bool = True) -> Intermediates:
+        """Detections in the network-input frame plus the intermediate tensors."""
+        feats = self.extract_feats(batch.images)
+        logits, deltas = self.rpn_head(feats)
+        proposals, scores = self.rpn_head.proposals(logits, deltas, batch.image_sizes, self.rpn_head.test_proposals)
+        roi = self.roi_head.predict(feats, proposals, batch.image_sizes, with_masks=with_masks, keep_intermediates=True)
+        sem_logits = sem_feat = None
+        if self.roi_head.semantic_head is not None:
+            sem_logits, sem_feat = self.roi_head.semantic_head(feats)
+        return Intermediates(feats, proposals, scores, sem_logits, sem_feat, roi)
+
+    @torch.no_grad()
+    def predict(self, batch: ImageBatch, *, with_masks: bool = True) -> list[Detections]:
+        """Detections in each image's ORIGINAL frame, masks pasted at full resolution."""
+        feats = self.extract_feats(batch.images)
+        logits, deltas = self.rpn_head(feats)
+        proposals, _ = self.rpn_head.proposals(logits, deltas, batch.image_sizes, self.rpn_head.test_proposals)
+        roi = self.roi_head.predict(feats, proposals, batch.image_sizes, with_masks=with_masks)
+        return [self._to_original_frame(r, batch, i, with_masks) for i, r in enumerate(roi)]
+
+    def _to_original_frame(self, r: RoIPredictions, batch: ImageBatch, i: int, with_masks: bool) -> Detections:
+        boxes = rescale_boxes(r.boxes, batch.scale_factors[i])
+        masks = None
+        if with_masks and r.mask_probs is not None:
+            masks = paste_masks(r.mask_probs, boxes, batch.original_sizes[i], self.roi_head.mask_thr)
+        return Detections(boxes=boxes, scores=r.scores, labels=r.labels, masks=masks)

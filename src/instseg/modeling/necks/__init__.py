@@ -1,0 +1,5 @@
+"""Necks."""
+
+from .fpn import FPN
+
+__all__ = ["FPN"]

@@ -1,0 +1,1 @@
+"""Stateless, device-agnostic detection ops (thin layer over torchvision.ops)."""
