@@ -1,0 +1,394 @@
+"""The training loop: SGD with warmup + step schedule, AMP, periodic COCO eval, exact resume.
+
+A run lives in ``runs/NAME/`` (``cfg.train.output_dir / cfg.name`` unless ``run_dir`` is given)::
+
+    config.yaml            the fully resolved config
+    metrics.jsonl          one JSON object per logged step ("mode": "train") and per evaluation ("mode": "val")
+    checkpoints/last.pt    every ``checkpoint_interval`` epochs, at the end, and on the time budget
+    checkpoints/best.pt    whenever val segm_AP (bbox_AP for box-only models) improves
+    eval/                  results.json, metrics.json, summary.txt of the latest evaluation
+    plots/                 loss / AP curves
+
+Resume (``resume=True``) restores model, optimizer, AMP scaler, iteration, epoch, position in the
+epoch (the data loader skips the batches already done) and the RNG states, so a run that is
+stopped and resumed ends with the same weights as one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from instseg.config.load import dump_yaml, to_dict
+from instseg.config.schema import Config
+from instseg.engine.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from instseg.engine.inference import evaluate, format_metrics, primary_metric
+from instseg.engine.logging import MetricsLogger, RunningMeans, console
+from instseg.engine.schedule import lr_at, steps_to_iters
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; training stops instead of corrupting the weights."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``'auto'`` = CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _semantic_args(cfg: Config) -> dict:
+    if cfg.model.semantic and cfg.model.semantic_targets != "none":
+        return {"semantic": cfg.model.semantic_targets, "num_semantic_classes": cfg.model.semantic_classes}
+    return {"semantic": "none", "num_semantic_classes": None}
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys.extend(_config_diff(va, vb, f"{prefix}{k}."))
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+class Trainer:
+    """Trains ``cfg`` (see module docstring). ``model_builder`` defaults to ``zoo.build_model``."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        resume: bool = False,
+        run_dir: str | Path | None = None,
+        model_builder: Callable[[Any], nn.Module] | None = None,
+    ):
+        self.cfg = copy.deepcopy(cfg)
+        self.resume = resume
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.train.output_dir) / cfg.name
+        if model_builder is None:
+            from instseg.modeling.zoo import build_model as model_builder
+        self.model_builder = model_builder
+
+    # ------------------------------------------------------------------------------ set-up
+
+    def _setup(self) -> None:
+        from instseg.data import DataError, build_dataset, build_train_loader
+
+        cfg, tc = self.cfg, self.cfg.train
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        last = self.ckpt_dir / "last.pt"
+        resume_state = None
+        if self.resume:
+            if not last.is_file():
+                raise FileNotFoundError(f"--resume: no checkpoint to resume from at {last}")
+            resume_state = load_checkpoint(last)
+            self._check_resume_config(resume_state)
+
+        self.device = resolve_device(tc.device)
+        if tc.threads > 0:
+            torch.set_num_threads(tc.threads)
+        seed_everything(tc.seed)
+        self.amp = bool(tc.amp) and self.device.type == "cuda"
+        if tc.amp and not self.amp:
+            console("note: train.amp is on but the device is not CUDA; training in float32")
+
+        self.train_ds = build_dataset(cfg.data, "train", **_semantic_args(cfg))
+        self.cat_ids = [int(c) for c in self.train_ds.cat_ids]
+        self.classes = {"cat_ids": self.cat_ids, "class_names": [str(n) for n in self.train_ds.class_names]}
+        if cfg.model.num_classes != len(self.cat_ids):
+            console(
+                f"note: model.num_classes={cfg.model.num_classes} but the training data has "
+                f"{len(self.cat_ids)} categories; using num_classes={len(self.cat_ids)}"
+            )
+            cfg.model.num_classes = len(self.cat_ids)
+        self.val_ds = None
+        if cfg.data.val_ann:
+            self.val_ds = build_dataset(cfg.data, "val")
+            unknown = sorted(set(int(c) for c in self.val_ds.cat_ids) - set(self.cat_ids))
+            if unknown:
+                raise DataError(
+                    f"validation annotations {cfg.data.val_ann} have category ids {unknown} that the "
+                    f"training data ({cfg.data.train_ann}) does not have"
+                )
+
+        self.build_train_loader = build_train_loader
+        self.iters_per_epoch = len(build_train_loader(cfg.data, self.train_ds, seed=tc.seed, epoch=0))
+        if self.iters_per_epoch == 0:
+            raise DataError(f"no training batches from {cfg.data.train_ann}")
+        ipe = self.iters_per_epoch
+        if tc.max_iters > 0:
+            self.total_iters = int(tc.max_iters)
+            self.num_epochs = math.ceil(self.total_iters / ipe)
+            self.steps = steps_to_iters(tc.lr_steps, ipe, by_epoch=False)
+        else:
+            self.total_iters = int(tc.epochs) * ipe
+            self.num_epochs = int(tc.epochs)
+            self.steps = steps_to_iters(tc.lr_steps, ipe, by_epoch=True)
+
+        self.model = self.model_builder(cfg.model).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(
+            self.params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+        self.iter, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.best: dict[str, Any] = {"metric": None, "value": None}
+        if resume_state is not None:
+            self._load_state(resume_state, last)
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        stale_best = self.ckpt_dir / "best.pt"
+        if resume_state is None and stale_best.exists():
+            console(f"note: starting a new run in {self.run_dir} (use --resume to continue the old one)")
+            stale_best.unlink()
+        dump_yaml(cfg, self.run_dir / "config.yaml")
+        self.logger = MetricsLogger(
+            self.run_dir / "metrics.jsonl",
+            fresh=resume_state is None,
+            keep_until_iter=self.iter if resume_state is not None else None,
+        )
+        # On resume the RNG states are restored once the first data iterator exists: building the
+        # model draws random numbers, and so does creating a DataLoader iterator (its base seed).
+        self._pending_rng = resume_state["rng"] if resume_state is not None else None
+        if resume_state is not None:
+            console(
+                f"resumed {self.run_dir} at iteration {self.iter} "
+                f"(epoch {self.epoch + 1}, batch {self.batch_in_epoch} of {ipe})"
+            )
+
+    def _check_resume_config(self, state: dict) -> None:
+        saved = state.get("config") or {}
+        now = to_dict(self.cfg)
+        diff = [k for k in _config_diff(saved, now) if k not in ("model.num_classes", "model.backbone_weights")]
+        if diff:  # a model that no longer fits the weights fails in _load_state with a clear message
+            console(f"note: resuming with config changes: {', '.join(diff)}")
+
+    def _load_state(self, state: dict, path: Path) -> None:
+        try:
+            self.model.load_state_dict(state["model"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot resume from {path}: {e}") from e
+        if state.get("scaler") and self.amp:
+            self.scaler.load_state_dict(state["scaler"])
+        if [int(c) for c in (state.get("classes") or {}).get("cat_ids", self.cat_ids)] != self.cat_ids:
+            raise CheckpointError(f"cannot resume from {path}: the training data's categories changed")
+        self.iter = int(state["iter"])
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.best = dict(state.get("best") or self.best)
+
+    def state_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "model": self.model.state_dict(),
+            "config": to_dict(self.cfg),
+            "classes": self.classes,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.amp else None,
+            "epoch": self.epoch,
+            "iter": self.iter,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rng": capture_rng_state(),
+            "best": dict(self.best),
+        }
+
+    # ------------------------------------------------------------------------------ loop
+
+    def _save_last(self) -> None:
+        save_checkpoint(self.ckpt_dir / "last.pt", self.state_dict())
+        self._saved_at = self.iter
+
+    def _evaluate(self) -> dict[str, float]:
+        rng = capture_rng_state()  # evaluation must not change the training's random stream
+        metrics = evaluate(
+            self.model, self.val_ds, self.cfg, self.run_dir / "eval", cat_ids=self.cat_ids, verbose=False
+        )
+        restore_rng_state(rng)
+        self.model.train()
+        self._evaluated_at = self.iter
+        self.logger.log({"mode": "val", "iter": self.iter, "epoch": self.epoch, **metrics})
+        console(f"[iter {self.iter}] COCO evaluation on {self.cfg.data.val_ann}:\n{format_metrics(metrics)}")
+        key = primary_metric(metrics)
+        if key is not None:
+            value = float(metrics[key])
+            if self.best.get("value") is None or self.best.get("metric") != key or value > self.best["value"]:
+                self.best = {"metric": key, "value": value, "iter": self.iter}
+                save_checkpoint(self.ckpt_dir / "best.pt", self.state_dict())
+                console(f"new best {key}={value:.4f} -> {self.ckpt_dir / 'best.pt'}")
+        return metrics
+
+    def _step(self, batch, targets) -> dict:
+        tc = self.cfg.train
+        lr = lr_at(
+            self.iter,
+            base_lr=tc.lr,
+            warmup_iters=tc.warmup_iters,
+            warmup_ratio=tc.warmup_ratio,
+            steps_iters=self.steps,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = batch.to(self.device)
+        targets = [t.to(self.device) for t in targets]
+        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+            out = self.model(batch, targets)
+        if "loss" not in out:
+            raise KeyError(f"the model's loss dict has no 'loss' entry (keys: {sorted(out)})")
+        loss = out["loss"]
+        if not bool(torch.isfinite(loss.detach()).all()):
+            terms = ", ".join(
+                f"{k}={float(v.detach().float()):.4g}"
+                for k, v in out.items()
+                if k.startswith("loss") and isinstance(v, torch.Tensor) and v.numel() == 1
+            )
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {self.iter + 1} (epoch {self.epoch + 1}): {terms}. "
+                "Try a lower train.lr, a longer train.warmup_iters or train.grad_clip > 0."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if tc.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        out["lr"] = lr
+        return out
+
+    def run(self) -> dict:
+        self._setup()
+        cfg, tc = self.cfg, self.cfg.train
+        self._saved_at = self.iter if self.resume else -1
+        self._evaluated_at = -1
+        metrics: dict[str, float] = {}
+        means = RunningMeans()
+        start_time = time.time()
+        stop_reason = None
+        ipe = self.iters_per_epoch
+        console(
+            f"training {cfg.name} on {self.device}: {len(self.train_ds)} images, {ipe} iterations/epoch, "
+            f"{self.total_iters} iterations -> {self.run_dir}"
+        )
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_iters, initial=self.iter, desc="train", disable=not sys.stderr.isatty())
+        self.model.train()
+        try:
+            while self.epoch < self.num_epochs and self.iter < self.total_iters and stop_reason is None:
+                loader = self.build_train_loader(
+                    cfg.data, self.train_ds, seed=tc.seed, epoch=self.epoch, start_batch=self.batch_in_epoch
+                )
+                batches = iter(loader)
+                if self._pending_rng is not None:
+                    restore_rng_state(self._pending_rng)
+                    self._pending_rng = None
+                t_prev = time.perf_counter()
+                for batch, targets, _metas in batches:
+                    t_data = time.perf_counter()
+                    out = self._step(batch, targets)
+                    self.iter += 1
+                    self.batch_in_epoch += 1
+                    t_now = time.perf_counter()
+                    means.add({k: v for k, v in out.items() if k != "lr"})
+                    means.add({"time": t_now - t_prev, "data_time": t_data - t_prev})
+                    t_prev = t_now
+                    bar.update(1)
+                    if self.iter % max(tc.log_interval, 1) == 0 or self.iter == self.total_iters:
+                        rec = {"mode": "train", "iter": self.iter, "epoch": self.epoch + 1, "lr": out["lr"]}
+                        rec.update(means.pop())
+                        if self.device.type == "cuda":
+                            rec["memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+                        self.logger.log(rec)
+                        bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}", lr=f"{out['lr']:.2e}")
+                        if bar.disable:  # no progress bar (not a terminal): print the log line
+                            console(
+                                f"iter {self.iter}/{self.total_iters} epoch {self.epoch + 1} lr {out['lr']:.3e} "
+                                + f"loss {rec.get('loss', float('nan')):.4f} ("
+                                + " ".join(f"{k} {v:.3f}" for k, v in rec.items() if "loss" in k and k != "loss")
+                                + ")"
+                            )
+                    if self.iter >= self.total_iters:
+                        stop_reason = "max_iters"
+                    elif tc.max_minutes > 0 and time.time() - start_time > tc.max_minutes * 60:
+                        stop_reason = "time budget"
+                        console(f"stopping: time budget of {tc.max_minutes} min reached at iteration {self.iter}")
+                    if stop_reason is not None:
+                        break
+                epoch_done = self.batch_in_epoch >= ipe or stop_reason is None
+                if epoch_done:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    if self.val_ds is not None and tc.eval_interval > 0 and self.epoch % tc.eval_interval == 0:
+                        metrics = self._evaluate()
+                    if tc.checkpoint_interval > 0 and self.epoch % tc.checkpoint_interval == 0:
+                        self._save_last()
+        finally:
+            bar.close()
+
+        final_eval = self.val_ds is not None and self._evaluated_at != self.iter
+        if final_eval:
+            metrics = self._evaluate()
+        if final_eval or self._saved_at != self.iter:  # last.pt also carries the latest 'best'
+            self._save_last()
+        self._plot()
+        console(f"done: {self.iter} iterations; checkpoints in {self.ckpt_dir}")
+        return {
+            "run_dir": str(self.run_dir),
+            "iter": self.iter,
+            "epoch": self.epoch,
+            "stopped": stop_reason or "completed",
+            "metrics": metrics,
+            "best": dict(self.best),
+            "classes": self.classes,
+        }
+
+    def _plot(self) -> None:
+        try:
+            from instseg.visualize import plot_metrics
+
+            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+        except Exception as e:  # plots are a convenience; a finished run must not fail on them
+            console(f"warning: could not write plots: {type(e).__name__}: {e}")
+
+
+def train(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    run_dir: str | Path | None = None,
+    model_builder: Callable[[Any], nn.Module] | None = None,
+) -> dict:
+    """Trains ``cfg``; returns ``{'run_dir', 'iter', 'epoch', 'stopped', 'metrics', 'best', 'classes'}``."""
+    return Trainer(cfg, resume=resume, run_dir=run_dir, model_builder=model_builder).run()
