@@ -33,6 +33,7 @@ class ModelConfig:
     rpn_nms_iou: float = 0.7
     rpn_batch_per_image: int = 256
     # RoI heads
+    roi_sampling_ratio: int = 0  # RoIAlign samples per bin side; 0 = adaptive (mmdet); 2 is faster on CPU
     roi_fc_channels: int = 1024
     mask_channels: int = 256
     rcnn_batch_per_image: int = 512

@@ -120,12 +120,12 @@ def build_model(cfg: ModelConfig) -> TwoStageDetector:
             num_classes=cfg.semantic_classes,
             loss_weight=cfg.semantic_loss_weight,
         )
-        semantic_roi_align = MultiLevelRoIAlign(output_size=14, strides=[8])
+        semantic_roi_align = MultiLevelRoIAlign(output_size=14, strides=[8], sampling_ratio=cfg.roi_sampling_ratio)
     strides = list(cfg.anchor_strides[:4])
     roi_head = CascadeRoIHead(
         stages=build_stages(cfg),
-        box_roi_align=MultiLevelRoIAlign(output_size=7, strides=strides),
-        mask_roi_align=MultiLevelRoIAlign(output_size=14, strides=strides),
+        box_roi_align=MultiLevelRoIAlign(output_size=7, strides=strides, sampling_ratio=cfg.roi_sampling_ratio),
+        mask_roi_align=MultiLevelRoIAlign(output_size=14, strides=strides, sampling_ratio=cfg.roi_sampling_ratio),
         semantic_head=semantic_head,
         semantic_roi_align=semantic_roi_align,
         semantic_fusion=cfg.semantic_fusion,

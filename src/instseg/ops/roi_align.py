@@ -33,8 +33,13 @@ def map_roi_levels(rois: Tensor, num_levels: int, finest_scale: float = 56.0) ->
 class MultiLevelRoIAlign:
     """Pools fixed-size features for rois from a list of feature maps of increasing stride."""
 
-    def __init__(self, *, output_size: int, strides: Sequence[int], finest_scale: float = 56.0) -> None:
+    def __init__(
+        self, *, output_size: int, strides: Sequence[int], finest_scale: float = 56.0, sampling_ratio: int = 0
+    ) -> None:
         self.output_size = output_size
+        # 0 = adaptive ceil(roi_bin_size) samples per bin (mmcv's default, needed for parity);
+        # a small fixed value (e.g. 2) is much cheaper for large RoIs on CPU
+        self.sampling_ratio = sampling_ratio
         self.strides = list(strides)
         self.finest_scale = finest_scale
 
@@ -47,11 +52,11 @@ class MultiLevelRoIAlign:
             return out
         rois = rois.to(feats[0].dtype)
         if len(feats) == 1:
-            return roi_align(feats[0], rois, self.output_size, 1.0 / self.strides[0], 0, True)
+            return roi_align(feats[0], rois, self.output_size, 1.0 / self.strides[0], self.sampling_ratio, True)
         levels = map_roi_levels(rois, len(feats), self.finest_scale)
         for lvl, (feat, stride) in enumerate(zip(feats, self.strides)):
             inds = torch.nonzero(levels == lvl).flatten()
             if inds.numel() == 0:
                 continue
-            out[inds] = roi_align(feat, rois[inds], self.output_size, 1.0 / stride, 0, True).to(out.dtype)
+            out[inds] = roi_align(feat, rois[inds], self.output_size, 1.0 / stride, self.sampling_ratio, True).to(out.dtype)
         return out

@@ -135,8 +135,16 @@ class CroppedMasks:
         return _recrop(masks, (nh, nw))
 
     def pad(self, new_frame: tuple[int, int]) -> CroppedMasks:
-        """Enlarges the frame at the bottom/right (padding is empty background)."""
-        return CroppedMasks(self.crops, self.offsets, (int(new_frame[0]), int(new_frame[1])))
+        """Enlarges the frame at the bottom/right (padding is empty background).
+
+        A crop that reached the old bottom/right edge had its zero margin clamped away there;
+        it gets it back, else RoIAlign on the crop would clamp to the last mask row/column where
+        the padded full bitmap interpolates towards the zero padding.
+        """
+        nh, nw = int(new_frame[0]), int(new_frame[1])
+        if (nh, nw) == self.frame:
+            return CroppedMasks(self.crops, self.offsets, self.frame)
+        return _recrop([(c, int(o[0]), int(o[1])) for c, o in zip(self.crops, self.offsets)], (nh, nw))
 
     def roi_targets(self, boxes: Tensor, gt_indices: Tensor, size: int) -> Tensor:
         """Mask-RCNN targets: RoIAligns mask ``gt_indices[k]`` inside ``boxes[k]`` to ``size x size``.
