@@ -163,3 +163,123 @@ def htc_r18_fpn_c64_shapes() -> Config:
         if key in ("backbone", "num_classes", "fpn_channels", "roi_fc_channels", "mask_channels"):
             setattr(model, key, value)
     return Config(model=model, data=_golden_data(), train=TrainConfig(lr=0.02, warmup_iters=10, grad_clip=35.0))
+
+
+# --------------------------------------------------------------------------- small CPU presets
+def _cpu_model(arch: str, **overrides) -> ModelConfig:
+    """A MobileNetV2 (ImageNet) FPN model narrowed for 2 CPU cores.
+
+    What makes it cheap: 64-channel FPN and heads, a fixed 2x2 RoIAlign sampling grid instead
+    of mmdet's adaptive one (the adaptive grid dominates CPU time for large RoIs), 128 sampled
+    RoIs per image and fewer RPN proposals.
+    """
+    if arch == "mask_rcnn":
+        model = ModelConfig()
+    elif arch == "htc":
+        model = _htc_model(semantic=True)
+    else:
+        model = _cascade_model()
+    base = dict(
+        backbone="mobilenet_v2",
+        backbone_weights="imagenet",
+        frozen_stages=1,
+        fpn_channels=64,
+        roi_fc_channels=256,
+        mask_channels=64,
+        roi_sampling_ratio=2,
+        rcnn_batch_per_image=128,
+        rpn_train_pre_nms=1000,
+        rpn_train_post_nms=500,
+        rpn_test_pre_nms=500,
+        rpn_test_post_nms=300,
+        anchor_scales=(4.0,),
+        score_thr=0.05,
+    )
+    base.update(overrides)
+    for key, value in base.items():
+        setattr(model, key, value)
+    return model
+
+
+def _synth_data() -> DataConfig:
+    root = "demo_data/synth"
+    return DataConfig(
+        train_ann=f"{root}/annotations/instances_train.json",
+        train_images=f"{root}/images/train",
+        train_stuff=f"{root}/stuffthingmaps/train",
+        val_ann=f"{root}/annotations/instances_val.json",
+        val_images=f"{root}/images/val",
+        val_stuff=f"{root}/stuffthingmaps/val",
+        scale=(320, 320),
+        batch_size=4,
+    )
+
+
+def _synth_train() -> TrainConfig:
+    return TrainConfig(epochs=8, lr=0.02, warmup_iters=50, lr_steps=(7,), grad_clip=35.0, eval_interval=0,
+                       max_minutes=9.0, log_interval=5)
+
+
+@preset
+def htc_synth_cpu() -> Config:
+    """HTC on the built-in synthetic data (things + stuff maps): what ``make demo`` trains."""
+    return Config(model=_cpu_model("htc", semantic_classes=9), data=_synth_data(), train=_synth_train())
+
+
+@preset
+def cascade_mask_rcnn_synth_cpu() -> Config:
+    return Config(model=_cpu_model("cascade_mask_rcnn"), data=_synth_data(), train=_synth_train())
+
+
+@preset
+def mask_rcnn_synth_cpu() -> Config:
+    return Config(model=_cpu_model("mask_rcnn"), data=_synth_data(), train=_synth_train())
+
+
+def _nuclei_data() -> DataConfig:
+    root = "../shared/data/nuclei"
+    return DataConfig(
+        train_ann=f"{root}/annotations/instances_train.json",
+        train_images=f"{root}/images",
+        val_ann=f"{root}/annotations/instances_val.json",
+        val_images=f"{root}/images",
+        scale=(384, 384),
+        batch_size=2,
+        max_dets=400,
+    )
+
+
+def _nuclei_model(arch: str, **overrides) -> ModelConfig:
+    # nuclei are 7-50 px (median 20) on mostly 256x256 images upscaled to 384: anchors of
+    # 8..128 px (scale 2 on strides 4..64), up to 400 detections per image
+    return _cpu_model(
+        arch,
+        anchor_scales=(2.0,),
+        max_per_img=400,
+        rpn_test_post_nms=1000,
+        rpn_test_pre_nms=1000,
+        rcnn_batch_per_image=256,
+        **overrides,
+    )
+
+
+def _nuclei_train() -> TrainConfig:
+    return TrainConfig(epochs=3, lr=0.02, warmup_iters=100, lr_steps=(3,), grad_clip=35.0, eval_interval=0,
+                       max_minutes=30.0, log_interval=20)
+
+
+@preset
+def mask_rcnn_nuclei_cpu() -> Config:
+    """Mask R-CNN for the DSB2018 nuclei data, ImageNet MobileNetV2, 30 CPU minutes."""
+    return Config(model=_nuclei_model("mask_rcnn"), data=_nuclei_data(), train=_nuclei_train())
+
+
+@preset
+def htc_nuclei_cpu() -> Config:
+    """HTC for nuclei; no stuff maps, so semantic targets are derived from the instance masks
+    (background 0, nucleus 1)."""
+    return Config(
+        model=_nuclei_model("htc", semantic_classes=2, semantic_targets="derive"),
+        data=_nuclei_data(),
+        train=_nuclei_train(),
+    )
