@@ -74,10 +74,11 @@ class MaxIoUAssigner:
         gt_inds[pos] = argmax[pos] + 1
         if self.match_low_quality:
             claim = (overlaps == gt_max[:, None]) & (gt_max[:, None] >= self.min_pos_iou)
-            # the last ground truth claiming a candidate wins, as in mmdet's sequential loop
-            order = torch.arange(1, g + 1, device=overlaps.device)[:, None]
-            winner = (claim.long() * order).max(dim=0).values
-            gt_inds = torch.where(winner > 0, winner, gt_inds)
+            # the last ground truth claiming a candidate wins, as in mmdet's sequential loop:
+            # argmax over the flipped rows finds it without a (G, N) int64 temporary
+            claimed = claim.any(dim=0)
+            last = g - 1 - claim.flip(0).to(torch.uint8).argmax(dim=0)
+            gt_inds = torch.where(claimed, last + 1, gt_inds)
         labels = torch.full((n,), -1, dtype=torch.int64, device=overlaps.device)
         assigned = gt_inds > 0
         labels[assigned] = gt_labels[gt_inds[assigned] - 1]

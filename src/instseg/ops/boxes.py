@@ -8,16 +8,25 @@ from torch import Tensor
 EPS = 1e-6
 
 
+# rows of ``a`` processed at once: bounds the temporaries to a few chunk x len(b) matrices
+# (375 ground truths x 130k anchors would otherwise need ~2 GB of intermediates)
+IOU_CHUNK_ELEMENTS = 1 << 22
+
+
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
     """Pairwise IoU ``(len(a), len(b))`` with mmdet's ``bbox_overlaps`` convention (union >= eps)."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    out = a.new_empty((a.shape[0], b.shape[0]))
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = torch.max(a[:, None, :2], b[None, :, :2])
-    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = (area_a[:, None] + area_b[None, :] - inter).clamp(min=EPS)
-    return inter / union
+    step = max(1, IOU_CHUNK_ELEMENTS // max(b.shape[0], 1))
+    for start in range(0, a.shape[0], step):
+        c = a[start : start + step]
+        area_c = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
+        iw = (torch.min(c[:, None, 2], b[None, :, 2]) - torch.max(c[:, None, 0], b[None, :, 0])).clamp_(min=0)
+        ih = (torch.min(c[:, None, 3], b[None, :, 3]) - torch.max(c[:, None, 1], b[None, :, 1])).clamp_(min=0)
+        inter = iw.mul_(ih)
+        union = (area_c[:, None] + area_b[None, :]).sub_(inter).clamp_(min=EPS)
+        out[start : start + step] = inter.div_(union)
+    return out
 
 
 def rescale_boxes(boxes: Tensor, scale_factor: Tensor) -> Tensor:
