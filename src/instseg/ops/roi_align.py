@@ -9,11 +9,96 @@ is the same algorithm as mmcv's ``RoIAlign`` defaults.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 from torchvision.ops import roi_align
+
+# torchvision's CPU roi_align kernel is single-threaded but releases the GIL, so splitting the
+# RoIs over Python threads uses the cores torch was given (torch.get_num_threads()).  Each RoI's
+# output depends only on that RoI, so the result is bit-identical to one call.
+_MIN_ROIS_PER_THREAD = 16
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _thread_pool(size: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != size:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="instseg-roi-align")
+            _pool_size = size
+        return _pool
+
+
+def _map_chunks(fn, chunks: Sequence[Tensor], threads: int) -> list[Tensor]:
+    return list(_thread_pool(threads).map(fn, chunks))
+
+
+class _ThreadedRoIAlign(torch.autograd.Function):
+    """Aligned RoIAlign whose forward AND backward split the RoIs over CPU threads.
+
+    The backward scatters each chunk's gradient into its own feature-sized buffer (threads must
+    not add into one buffer concurrently) and sums the buffers, so the feature gradient equals
+    the single-threaded one up to float summation order.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, feat: Tensor, rois: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int, threads: int
+    ) -> Tensor:
+        def run(chunk: Tensor) -> Tensor:
+            return roi_align(feat, chunk, output_size, spatial_scale, sampling_ratio, True)
+
+        out = torch.cat(_map_chunks(run, rois.chunk(threads), threads))
+        ctx.save_for_backward(rois)
+        ctx.meta = (output_size, spatial_scale, sampling_ratio, threads, tuple(feat.shape))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (rois,) = ctx.saved_tensors
+        output_size, spatial_scale, sampling_ratio, threads, (b, c, h, w) = ctx.meta
+        sizes = [len(r) for r in rois.chunk(threads)]
+        pairs = list(zip(grad_out.split(sizes), rois.split(sizes)))
+
+        def run(pair: tuple[Tensor, Tensor]) -> Tensor:
+            g, r = pair
+            return torch.ops.torchvision._roi_align_backward(
+                g.contiguous(), r, spatial_scale, output_size, output_size, b, c, h, w, sampling_ratio, True
+            )
+
+        parts = list(_thread_pool(threads).map(run, pairs))
+        grad_feat = parts[0]
+        for part in parts[1:]:
+            grad_feat.add_(part)
+        return grad_feat, None, None, None, None, None
+
+
+def roi_align_cpu_parallel(
+    feat: Tensor, rois: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int = 0
+) -> Tensor:
+    """``roi_align(feat, rois, output_size, spatial_scale, sampling_ratio, True)``, on CPU split over threads.
+
+    Falls back to one plain call on other devices, with one thread, or for few RoIs.
+    """
+    threads = torch.get_num_threads()
+    k = rois.shape[0]
+    if feat.device.type != "cpu" or threads < 2 or k < 2 * _MIN_ROIS_PER_THREAD or rois.requires_grad:
+        return roi_align(feat, rois, output_size, spatial_scale, sampling_ratio, True)
+    threads = min(threads, k // _MIN_ROIS_PER_THREAD)
+    if torch.is_grad_enabled() and feat.requires_grad:
+        return _ThreadedRoIAlign.apply(feat, rois, output_size, spatial_scale, sampling_ratio, threads)
+    chunks = rois.chunk(threads)
+    return torch.cat(
+        _map_chunks(lambda c: roi_align(feat, c, output_size, spatial_scale, sampling_ratio, True), chunks, threads)
+    )
 
 
 def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
@@ -52,11 +137,13 @@ class MultiLevelRoIAlign:
             return out
         rois = rois.to(feats[0].dtype)
         if len(feats) == 1:
-            return roi_align(feats[0], rois, self.output_size, 1.0 / self.strides[0], self.sampling_ratio, True)
+            return roi_align_cpu_parallel(feats[0], rois, self.output_size, 1.0 / self.strides[0], self.sampling_ratio)
         levels = map_roi_levels(rois, len(feats), self.finest_scale)
         for lvl, (feat, stride) in enumerate(zip(feats, self.strides)):
             inds = torch.nonzero(levels == lvl).flatten()
             if inds.numel() == 0:
                 continue
-            out[inds] = roi_align(feat, rois[inds], self.output_size, 1.0 / stride, self.sampling_ratio, True).to(out.dtype)
+            out[inds] = roi_align_cpu_parallel(feat, rois[inds], self.output_size, 1.0 / stride, self.sampling_ratio).to(
+                out.dtype
+            )
         return out
