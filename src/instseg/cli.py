@@ -141,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if renamed:
         print(f"warning: category names differ from the checkpoint's (id, data, checkpoint): {renamed[:5]}", file=sys.stderr)
     device = resolve_device(args.device or cfg.train.device)
-    model.to(device)
+    model.to(device).optimize_for_inference()
     ckpt = Path(args.checkpoint).resolve()
     if args.out:
         out_dir = Path(args.out)
@@ -168,7 +168,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.checkpoint, "cpu", update_cfg=lambda c: apply_overrides(c, [], _flatten(args.set))
     )
     device = resolve_device(args.device or cfg.train.device)
-    model.to(device)
+    model.to(device).optimize_for_inference()
     dataset = ImageFiles(files, cfg.data)
     loader = build_test_loader(cfg.data, dataset, batch_size=1)
     out_dir = Path(args.out)

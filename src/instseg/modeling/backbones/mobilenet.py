@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import mobilenet_v2
 
+from .base import FrozenStagesBackbone
 from .resnet import fuse_conv_bn, load_backbone_weights
 
 __all__ = ["MobileNetV2", "imagenet_weights_path", "MOBILENET_V2_FILE", "WEIGHTS_PACKAGE"]
@@ -83,7 +83,7 @@ def imagenet_weights_path() -> Path:
     )
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(FrozenStagesBackbone):
     """MobileNetV2 (width 1.0) returning 4 maps at strides 4, 8, 16, 32 (24/32/96/1280 channels).
 
     Args:
@@ -115,25 +115,10 @@ class MobileNetV2(nn.Module):
             load_backbone_weights(self, weights)
         self._freeze_stages()
 
-    def _freeze_stages(self) -> None:
+    def _frozen_modules(self) -> list[nn.Module]:
         if self.frozen_stages < 0:
-            return
-        end = _STAGES[self.frozen_stages][1]
-        for i in range(end):
-            m = self.features[i]
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "MobileNetV2":
-        """Set train/eval mode; frozen stages, and with ``norm_eval`` every BN, stay in eval mode."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
+            return []
+        return [self.features[i] for i in range(_STAGES[self.frozen_stages][1])]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         outs: list[Tensor] = []

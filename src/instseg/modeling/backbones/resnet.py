@@ -31,6 +31,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .base import FrozenStagesBackbone
+
 __all__ = ["ResNet", "load_backbone_weights", "fuse_conv_bn", "torchvision_weights_filename"]
 
 _ARCH: dict[int, tuple[type[nn.Module], list[int]]] = {
@@ -78,7 +80,7 @@ def torchvision_weights_filename(depth: int, groups: int = 1, width_per_group: i
     )
 
 
-class ResNet(nn.Module):
+class ResNet(FrozenStagesBackbone):
     """ResNet / ResNeXt on torchvision's definitions, returning C2..C5 (strides 4, 8, 16, 32).
 
     Args:
@@ -146,22 +148,6 @@ class ResNet(nn.Module):
         mods: list[nn.Module] = [self.conv1, self.bn1]
         mods += [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
         return mods
-
-    def _freeze_stages(self) -> None:
-        for m in self._frozen_modules():
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "ResNet":
-        """Set train/eval mode; frozen stages, and with ``norm_eval`` every BN, stay in eval mode."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> list[Tensor]:
