@@ -130,7 +130,7 @@ def plot_metrics(metrics_jsonl: str | os.PathLike, out_dir: str | os.PathLike) -
                 continue
             if not isinstance(rec, dict):
                 continue
-            if "iter" in rec and any(k.startswith("loss") and _num(v) for k, v in rec.items()):
+            if "iter" in rec and any(_is_loss(k) and _num(v) for k, v in rec.items()):
                 train.append(rec)
             if any(_is_ap_key(k) and _num(v) for k, v in rec.items()):
                 evals.append(rec)
@@ -220,8 +220,13 @@ def _figure(width: float, height: float):
     return fig
 
 
+def _is_loss(key: str) -> bool:
+    """Loss terms: ``loss``, ``loss_mask``, and cascade stage terms such as ``s1.loss_cls``."""
+    return key.startswith("loss") or ".loss" in key
+
+
 def _plot_losses(train: list[dict], path: Path) -> Path:
-    keys = sorted({k for r in train for k, v in r.items() if k.startswith("loss") and _num(v)})
+    keys = sorted({k for r in train for k, v in r.items() if _is_loss(k) and _num(v)})
     # the total loss first, drawn thicker
     keys.sort(key=lambda k: (k != "loss", k))
     has_lr = any(_num(r.get("lr")) for r in train)
