@@ -55,6 +55,10 @@ class TinyDetector(nn.Module):
         acc = (out[:, : self.num_classes].argmax(1) == labels).float().mean()
         return {"loss": loss_cls + loss_bbox, "loss_cls": loss_cls, "loss_bbox": loss_bbox, "acc": acc}
 
+    def optimize_for_inference(self):
+        """Part of the Detector API (eval/predict call it); nothing to fold here."""
+        return self.eval()
+
     def predict(self, batch):
         out = self._features(batch.images)
         dets = []
