@@ -99,13 +99,11 @@ def htc_r50_fpn_1x_coco() -> Config:
 
 
 def _htc_20e(backbone: str, batch_size: int) -> Config:
+    data = _coco_data(stuff=True)
+    data.batch_size = batch_size
     return Config(
         model=_htc_model(semantic=True, backbone=backbone),
-        data=_coco_data(stuff=True),
-        train=TrainConfig(epochs=20, lr_steps=(16, 19)),
-    ) if batch_size == 2 else Config(
-        model=_htc_model(semantic=True, backbone=backbone),
-        data=DataConfig(**{**_coco_data(stuff=True).__dict__, "batch_size": batch_size}),
+        data=data,
         train=TrainConfig(epochs=20, lr_steps=(16, 19)),
     )
 
