@@ -31,6 +31,9 @@ def instance_color(i: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+CROWDED = 40  # above this many shown detections, boxes and labels are left out by default
+
+
 def draw_detections(
     image: np.ndarray,
     dets: Detections,
@@ -38,8 +41,8 @@ def draw_detections(
     *,
     score_thr: float = 0.3,
     alpha: float = 0.5,
-    show_boxes: bool = True,
-    show_labels: bool = True,
+    show_boxes: bool | None = None,
+    show_labels: bool | None = None,
 ) -> Image.Image:
     """Draws detections (translucent masks, box outlines, ``'name 0.87'`` labels) on an image.
 
@@ -49,7 +52,8 @@ def draw_detections(
         class_names: name of each contiguous label (labels beyond the list print as numbers).
         score_thr: detections scoring below this are not drawn.
         alpha: mask opacity.
-        show_boxes, show_labels: turn off boxes / labels, e.g. for hundreds of nuclei.
+        show_boxes, show_labels: draw boxes / labels; ``None`` (default) draws them only while
+            at most ``CROWDED`` detections are shown, so hundreds of nuclei stay readable.
 
     Returns:
         A new RGB ``PIL.Image``; the input is not modified. Each kept instance gets its own color
@@ -61,6 +65,9 @@ def draw_detections(
     scores = dets.scores.detach().float().cpu()
     keep = torch.nonzero(scores >= score_thr, as_tuple=True)[0]
     keep = keep[torch.argsort(scores[keep], descending=True, stable=True)].tolist()
+    crowded = len(keep) > CROWDED
+    show_boxes = not crowded if show_boxes is None else show_boxes
+    show_labels = not crowded if show_labels is None else show_labels
     if dets.masks is not None and len(dets) and tuple(dets.masks.shape[-2:]) != (h, w):
         raise ValueError(f"masks are {tuple(dets.masks.shape[-2:])} but the image is {(h, w)}")
     colors = {i: instance_color(rank) for rank, i in enumerate(keep)}
