@@ -203,14 +203,13 @@ class CascadeRoIHead(nn.Module):
         if self.semantic_head is not None:
             sem_logits, sem_feat = self.semantic_head(feats)
             losses["loss_semantic_seg"] = self.semantic_head.loss(sem_logits, self._semantic_labels(targets, feats))
-        prefix = len(self.stages) > 1
         for t, stage in enumerate(self.stages):
-            name = (lambda k: f"s{t}.{k}") if prefix else (lambda k: k)
+            # mmdet names cascade terms "s{t}.loss_cls"; a single stage (Mask R-CNN) uses "loss_cls"
+            prefix = f"s{t}." if len(self.stages) > 1 else ""
             w = stage.loss_weight
             out = self._box_stage(t, feats, proposals, targets, sem_feat)
-            box_losses = self._box_losses(stage, out, targets)
-            for k, v in box_losses.items():
-                losses[name(k)] = v * w if k.startswith("loss") else v
+            for k, v in self._box_losses(stage, out, targets).items():
+                losses[prefix + k] = v * w if k.startswith("loss") else v
             last = t == len(self.stages) - 1
             refined: list[Tensor] | None = None
             if not last or (self.interleaved and self.with_mask):
@@ -221,7 +220,7 @@ class CascadeRoIHead(nn.Module):
                 if self.interleaved:
                     with torch.no_grad():
                         samples = stage.sample(refined, targets)
-                losses[name("loss_mask")] = w * self._mask_loss(t, feats, samples, targets, sem_feat)
+                losses[prefix + "loss_mask"] = w * self._mask_loss(t, feats, samples, targets, sem_feat)
             if refined is not None:
                 proposals = refined
         return losses
