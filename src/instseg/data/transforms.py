@@ -16,6 +16,7 @@ from torch import Tensor
 
 from instseg.config.schema import DataConfig
 from instseg.data.coco import Sample
+from instseg.ops.boxes import flip_boxes
 from instseg.structures.instances import ImageTargets
 
 Transform = Callable[[Sample], Sample]
@@ -146,11 +147,8 @@ def flip_sample(sample: Sample) -> Sample:
     """Deterministic horizontal flip of a sample."""
     w = int(sample.image.shape[-1])
     t = sample.targets
-    boxes = t.boxes.clone()
-    boxes[:, 0] = w - t.boxes[:, 2]
-    boxes[:, 2] = w - t.boxes[:, 0]
     targets = ImageTargets(
-        boxes=boxes,
+        boxes=flip_boxes(t.boxes, w),
         labels=t.labels,
         masks=None if t.masks is None else t.masks.flip_horizontal(),
         semantic=None if t.semantic is None else t.semantic.flip(-1),

@@ -35,6 +35,7 @@ def rescale_boxes(boxes: Tensor, scale_factor: Tensor) -> Tensor:
 
 
 def flip_boxes(boxes: Tensor, width: int) -> Tensor:
+    """Mirrors XYXY boxes horizontally in an image ``width`` pixels wide."""
     out = boxes.clone()
     out[:, 0] = width - boxes[:, 2]
     out[:, 2] = width - boxes[:, 0]

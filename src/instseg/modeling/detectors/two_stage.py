@@ -129,10 +129,12 @@ class TwoStageDetector(nn.Module):
         """Detections in the network-input frame plus the intermediate tensors."""
         feats, logits, deltas = self._dense_forward(batch.images)
         proposals, scores = self.rpn_head.proposals(logits, deltas, batch.image_sizes, self.rpn_head.test_proposals)
-        roi = self.roi_head.predict(feats, proposals, batch.image_sizes, with_masks=with_masks, keep_intermediates=True)
         sem_logits = sem_feat = None
         if self.roi_head.semantic_head is not None:
             sem_logits, sem_feat = self.roi_head.semantic_head(feats)
+        roi = self.roi_head.predict(
+            feats, proposals, batch.image_sizes, with_masks=with_masks, keep_intermediates=True, semantic_feat=sem_feat
+        )
         return Intermediates(feats, proposals, scores, sem_logits, sem_feat, roi)
 
     @torch.no_grad()

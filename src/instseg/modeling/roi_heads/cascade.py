@@ -330,8 +330,12 @@ class CascadeRoIHead(nn.Module):
         *,
         with_masks: bool = True,
         keep_intermediates: bool = False,
+        semantic_feat: Tensor | None = None,
     ) -> list[RoIPredictions]:
-        sem_feat = self.semantic_head(feats)[1] if self.semantic_head is not None else None
+        """Cascade inference; ``semantic_feat`` may be passed when the caller already ran the semantic head."""
+        sem_feat = semantic_feat
+        if sem_feat is None and self.semantic_head is not None:
+            sem_feat = self.semantic_head(feats)[1]
         counts = [p.shape[0] for p in proposals]
         rois_per_image = list(proposals)
         all_logits: list[Tensor] = []
@@ -351,8 +355,7 @@ class CascadeRoIHead(nn.Module):
         scores = torch.stack(all_logits).mean(dim=0).softmax(dim=1) if all_logits else None
         last = self.stages[-1]
         results: list[RoIPredictions] = []
-        for i, size in enumerate(image_sizes):
-            sl = slice(sum(counts[:i]), sum(counts[: i + 1]))
+        for i, (size, sl) in enumerate(zip(image_sizes, _image_slices(counts))):
             boxes = last.coder.decode(rois_per_image[i], deltas[sl], max_shape=size)
             b, s, lab, _ = multiclass_nms(
                 boxes, scores[sl], score_thr=self.score_thr, iou_threshold=self.nms_iou, max_num=self.max_per_img
@@ -381,7 +384,15 @@ class CascadeRoIHead(nn.Module):
         probs = [(lg[rows, labels] if lg.shape[1] > 1 else lg[:, 0]).sigmoid() for lg in logits]
         merged = torch.stack(probs).mean(dim=0) if self.mask_merge == "mean" else probs[-1]
         counts = [r.boxes.shape[0] for r in results]
-        for i, r in enumerate(results):
-            sl = slice(sum(counts[:i]), sum(counts[: i + 1]))
+        for r, sl in zip(results, _image_slices(counts)):
             r.mask_probs = merged[sl]
             r.stage_mask_probs = [p[sl] for p in probs]
+
+
+def _image_slices(counts: Sequence[int]) -> list[slice]:
+    """Row ranges of each image in a tensor that concatenates ``counts[i]`` rows per image."""
+    out, start = [], 0
+    for n in counts:
+        out.append(slice(start, start + n))
+        start += n
+    return out
