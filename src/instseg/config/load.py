@@ -118,8 +118,10 @@ def to_dict(cfg: Config) -> dict:
     """Plain-data form of a config (tuples as lists), for YAML dumps and checkpoints."""
 
     def conv(x: Any) -> Any:
-        if isinstance(x, tuple):
+        if isinstance(x, (tuple, list)):
             return [conv(v) for v in x]
+        if isinstance(x, dict):  # nested sub-configs (model.retinanet, model.yolact)
+            return {k: conv(v) for k, v in x.items()}
         return x
 
     return {

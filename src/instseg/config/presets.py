@@ -283,3 +283,159 @@ def htc_nuclei_cpu() -> Config:
         data=_nuclei_data(),
         train=_nuclei_train(),
     )
+
+
+# --------------------------------------------------------------------------- RetinaNet
+def _retinanet_model(**overrides) -> ModelConfig:
+    model = ModelConfig(arch="retinanet", anchor_strides=(8, 16, 32, 64, 128), score_thr=0.05, nms_iou=0.5)
+    for key, value in overrides.items():
+        setattr(model, key, value)
+    return model
+
+
+@preset
+def retinanet_r50_fpn_1x_coco() -> Config:
+    """mmdet's RetinaNet R-50-FPN 1x: lr 0.01 for 16 images, 12 epochs."""
+    return Config(model=_retinanet_model(), data=_coco_data(), train=TrainConfig(lr=0.01))
+
+
+@preset
+def retinanet_r18_fpn_c64_shapes() -> Config:
+    """The small RetinaNet of ``../shared/golden/retinanet_r18_fpn_c64_shapes.py``."""
+    model = _retinanet_model(backbone="resnet18", num_classes=5, fpn_channels=64)
+    model.retinanet.feat_channels = 64
+    return Config(model=model, data=_golden_data(), train=TrainConfig(lr=0.01, warmup_iters=20, grad_clip=35.0))
+
+
+@preset
+def retinanet_synth_cpu() -> Config:
+    """RetinaNet on the built-in synthetic data: ImageNet MobileNetV2, 64-channel FPN and towers."""
+    model = _retinanet_model(backbone="mobilenet_v2", backbone_weights="imagenet", fpn_channels=64)
+    model.retinanet.feat_channels = 64
+    # the synthetic objects are 20-120 px at 320 px: anchors from 16 px (base scale 2 on stride 8)
+    model.retinanet.octave_base_scale = 2.0
+    return Config(model=model, data=_synth_data(), train=_synth_train())
+
+
+# --------------------------------------------------------------------------- YOLACT
+# YOLACT's normalisation (official BGR means/stds, written in RGB order)
+YOLACT_MEAN = (123.68, 116.78, 103.94)
+YOLACT_STD = (58.40, 57.12, 57.38)
+
+
+def _yolact_model(flavor: str, backbone: str, input_size: int = 550, **overrides) -> ModelConfig:
+    """YOLACT: nothing frozen, BN trained (the official code freezes BN below 6 images per GPU;
+    set ``model.norm_eval=true`` then), Fast NMS, 0.05 / top 200 / 100 detections."""
+    model = ModelConfig(
+        arch="yolact",
+        backbone=backbone,
+        frozen_stages=-1,
+        norm_eval=False,
+        score_thr=0.05,
+        nms="fast",
+        nms_iou=0.5,
+        nms_top_k=200,
+        max_per_img=100,
+        mask_thr=0.5,
+    )
+    model.yolact.flavor = flavor
+    model.yolact.input_size = input_size
+    # official pixel scales of P3-P7 follow the input size (floored, as the official configs do)
+    model.yolact.prior_scales = tuple(float(int(s * input_size / 550)) for s in (24, 48, 96, 192, 384))
+    for key, value in overrides.items():
+        target = model.yolact if hasattr(model.yolact, key) else model
+        setattr(target, key, value)
+    return model
+
+
+def _yolact_data(input_size: int, flavor: str, base: DataConfig | None = None) -> DataConfig:
+    """550 x 550 squash resize (no padding), YOLACT's mean / std and its source's augmentations."""
+    data = base or _coco_data()
+    data.scale = (input_size, input_size)
+    data.mean = YOLACT_MEAN
+    data.std = YOLACT_STD
+    data.size_divisor = 1
+    data.keep_ratio = False
+    if flavor == "official":  # SSDAugmentation: photometric, expand, crop, mirror, resize
+        data.train_pipeline = ("photometric_yolact", "expand", "crop_yolact")
+        data.train_pipeline_post = ()
+    else:  # mmdet: filter, expand, min-IoU crop, resize, flip, photometric
+        data.train_pipeline = ("filter_small", "expand", "crop_mmdet")
+        data.train_pipeline_post = ("photometric_mmdet",)
+    return data
+
+
+def _yolact_official_train(batch_size: int = 8) -> TrainConfig:
+    """800k iterations of 8 images, lr 1e-3 (warmup from 1e-4 over 500), steps 280k/600k/700k/750k;
+    non-finite losses skip the step, as the official train.py does."""
+    train = TrainConfig(
+        max_iters=800_000, lr=1e-3, momentum=0.9, weight_decay=5e-4, warmup_iters=500, warmup_ratio=0.1,
+        lr_steps=(280_000, 600_000, 700_000, 750_000),
+    )
+    train.skip_nonfinite = True
+    return train
+
+
+def _yolact_official(backbone: str, input_size: int = 550, **overrides) -> Config:
+    data = _yolact_data(input_size, "official")
+    data.batch_size = 8
+    return Config(model=_yolact_model("official", backbone, input_size, **overrides), data=data, train=_yolact_official_train())
+
+
+@preset
+def yolact_base() -> Config:
+    """Official ``yolact_base_config``: R-101-FPN, 550 x 550 (29.8 mask AP on test-dev in the paper)."""
+    return _yolact_official("resnet101")
+
+
+@preset
+def yolact_resnet50() -> Config:
+    """Official ``yolact_resnet50_config``: R-50-FPN, 550."""
+    return _yolact_official("resnet50")
+
+
+@preset
+def yolact_im400() -> Config:
+    """Official ``yolact_im400_config``: R-101-FPN, 400 x 400, prior scales x 400/550."""
+    return _yolact_official("resnet101", 400)
+
+
+@preset
+def yolact_im700() -> Config:
+    """Official ``yolact_im700_config``: R-101-FPN, 700 x 700, 300 masks trained per image."""
+    return _yolact_official("resnet101", 700, masks_to_train=300)
+
+
+def _yolact_mmdet(backbone: str) -> Config:
+    data = _yolact_data(550, "mmdet")
+    data.batch_size = 8
+    train = TrainConfig(
+        epochs=55, lr=1e-3, momentum=0.9, weight_decay=5e-4, warmup_iters=500, warmup_ratio=0.1, lr_steps=(20, 42, 49, 52)
+    )
+    train.skip_nonfinite = True
+    return Config(model=_yolact_model("mmdet", backbone), data=data, train=train)
+
+
+@preset
+def yolact_r50_1x8_coco() -> Config:
+    """mmdetection's ``yolact_r50_1xb8-55e_coco`` (its README: 29.0 mask AP on val)."""
+    return _yolact_mmdet("resnet50")
+
+
+@preset
+def yolact_r101_1x8_coco() -> Config:
+    """mmdetection's ``yolact_r101_1xb8-55e_coco`` (30.4 mask AP on val)."""
+    return _yolact_mmdet("resnet101")
+
+
+@preset
+def yolact_r18_c64_shapes() -> Config:
+    """The small mmdet YOLACT of ``../shared/golden/yolact_r18_c64_shapes.py`` (64-channel FPN,
+    head and protonet, 32 prototypes, 5 classes)."""
+    model = _yolact_model("mmdet", "resnet18", num_classes=5, fpn_channels=64, head_channels=64, proto_channels=64)
+    data = _yolact_data(550, "mmdet", _golden_data())
+    data.train_pipeline = ("filter_small",)  # the brief CPU run left expand / crop / photometric out
+    data.train_pipeline_post = ()
+    train = TrainConfig(lr=1e-3, warmup_iters=20, grad_clip=35.0)
+    train.skip_nonfinite = True
+    return Config(model=model, data=data, train=train)

@@ -50,9 +50,13 @@ def _upgrade_v1(state: dict[str, Tensor], num_classes: int) -> dict[str, Tensor]
     return out
 
 
-def convert_state_dict(state: dict[str, Tensor], num_classes: int) -> dict[str, Tensor]:
-    """Renames mmdetection keys to instseg keys (floats cast to float32)."""
-    if any(k.startswith(_V1_PREFIXES) for k in state):
+def convert_state_dict(state: dict[str, Tensor], num_classes: int, *, two_stage: bool = True) -> dict[str, Tensor]:
+    """Renames mmdetection keys to instseg keys (floats cast to float32).
+
+    One-stage models (RetinaNet, YOLACT: ``bbox_head.*``, ``mask_head.*``) keep mmdetection's names;
+    for them a top-level ``bbox_head.`` is not the v1 two-stage layout.
+    """
+    if two_stage and any(k.startswith(_V1_PREFIXES) for k in state):
         state = _upgrade_v1(state, num_classes)
     out: dict[str, Tensor] = OrderedDict()
     for key, value in state.items():
@@ -78,16 +82,26 @@ def convert_checkpoint(src: str | Path, cfg: Config, cat_ids: list[int] | None =
     The state dict is checked against a model built from ``cfg``: every key must exist with the
     same shape, so a wrong preset fails here with the offending keys named, not at inference.
     """
-    from instseg.modeling.zoo import build_model
-
     raw = torch.load(src, map_location="cpu", weights_only=False)
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict):
         raise ConversionError(f"{src}: expected an mmdetection checkpoint with a 'state_dict'")
     meta = raw.get("meta", {}) if isinstance(raw, dict) else {}
-    converted = convert_state_dict(state, cfg.model.num_classes)
-    model = build_model(cfg.model)
-    expected = model.state_dict()
+    two_stage = cfg.model.arch in ("mask_rcnn", "cascade_mask_rcnn", "htc")
+    converted = convert_state_dict(state, cfg.model.num_classes, two_stage=two_stage)
+    check_against_model(converted, cfg, src)
+    names = _class_names(meta) or [f"class_{i}" for i in range(cfg.model.num_classes)]
+    ids = cat_ids or list(range(1, cfg.model.num_classes + 1))
+    source = {"mmdet_checkpoint": str(src), "mmdet_version": meta.get("mmdet_version", "unknown")}
+    return package_checkpoint(converted, cfg, ids, names, source)
+
+
+def check_against_model(converted: dict[str, Tensor], cfg: Config, src: str | Path) -> None:
+    """Raises :class:`ConversionError` naming every key that is missing, unexpected or of the
+    wrong shape for a model built from ``cfg``."""
+    from instseg.modeling.zoo import build_model
+
+    expected = build_model(cfg.model).state_dict()
     missing = sorted(set(expected) - set(converted))
     unexpected = sorted(set(converted) - set(expected))
     wrong = sorted(k for k in set(expected) & set(converted) if expected[k].shape != converted[k].shape)
@@ -104,19 +118,23 @@ def convert_checkpoint(src: str | Path, cfg: Config, cat_ids: list[int] | None =
                 f"model {tuple(expected[k].shape)}); a different class count needs --set model.num_classes=N"
             )
         raise ConversionError(f"{src} does not fit preset {cfg.name!r}: " + "; ".join(parts))
-    names = _class_names(meta) or [f"class_{i}" for i in range(cfg.model.num_classes)]
-    ids = cat_ids or list(range(1, cfg.model.num_classes + 1))
-    if len(names) != cfg.model.num_classes or len(ids) != cfg.model.num_classes:
+
+
+def package_checkpoint(
+    converted: dict[str, Tensor], cfg: Config, cat_ids: list[int], class_names: list[str], source: dict
+) -> dict:
+    """The instseg checkpoint dict (what ``instseg eval`` / ``predict`` load)."""
+    n = cfg.model.num_classes
+    if len(class_names) != n or len(cat_ids) != n:
         raise ConversionError(
-            f"{src}: {len(names)} class names / {len(ids)} category ids, but the preset has "
-            f"{cfg.model.num_classes} classes"
+            f"{len(class_names)} class names / {len(cat_ids)} category ids, but the preset has {n} classes"
         )
     return {
         "format": "instseg-v1",
         "model": converted,
         "config": to_dict(cfg),
-        "classes": {"cat_ids": ids, "class_names": names},
-        "source": {"mmdet_checkpoint": str(src), "mmdet_version": meta.get("mmdet_version", "unknown")},
+        "classes": {"cat_ids": list(cat_ids), "class_names": list(class_names)},
+        "source": source,
     }
 
 

@@ -6,9 +6,16 @@ typed keyword arguments.
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from instseg.config.schema import ModelConfig
+from instseg.modeling.dense_heads.retinanet import DenseTestSettings, RetinaHead
+from instseg.modeling.dense_heads.yolact import FLAVORS as YOLACT_FLAVORS
+from instseg.modeling.dense_heads.yolact import YolactBoxHead, YolactHead, YolactProtonet, YolactSettings
+from instseg.modeling.detectors.base import Detector
+from instseg.modeling.detectors.one_stage import OneStageDetector
 from instseg.modeling.detectors.two_stage import TwoStageDetector
 from instseg.modeling.dense_heads.rpn import ProposalSettings, RPNHead
 from instseg.modeling.necks.fpn import FPN
@@ -16,13 +23,16 @@ from instseg.modeling.roi_heads.box_head import Shared2FCBoxHead
 from instseg.modeling.roi_heads.cascade import CascadeRoIHead, CascadeStage
 from instseg.modeling.roi_heads.mask_head import FCNMaskHead
 from instseg.modeling.roi_heads.semantic_head import FusedSemanticHead
-from instseg.ops.anchors import AnchorGenerator
-from instseg.ops.assigner import MaxIoUAssigner
+from instseg.ops.anchors import AnchorGenerator, YolactPriorGenerator
+from instseg.ops.assigner import ForcedMatchAssigner, MaxIoUAssigner
+from instseg.ops.nms import NMS_METHODS
 from instseg.ops.box_coder import DeltaXYWHCoder
 from instseg.ops.roi_align import MultiLevelRoIAlign
 from instseg.ops.sampler import RandomSampler
 
-ARCHS = ("mask_rcnn", "cascade_mask_rcnn", "htc")
+TWO_STAGE_ARCHS = ("mask_rcnn", "cascade_mask_rcnn", "htc")
+ONE_STAGE_ARCHS = ("retinanet", "yolact")
+ARCHS = TWO_STAGE_ARCHS + ONE_STAGE_ARCHS
 
 RESNETS = {
     "resnet18": dict(depth=18),
@@ -104,10 +114,132 @@ def build_stages(cfg: ModelConfig) -> list[CascadeStage]:
     return stages
 
 
-def build_model(cfg: ModelConfig) -> TwoStageDetector:
-    """Builds the detector named by ``cfg.arch`` (``mask_rcnn``, ``cascade_mask_rcnn`` or ``htc``)."""
+def build_model(cfg: ModelConfig) -> Detector:
+    """Builds the detector named by ``cfg.arch`` (see ``ARCHS``)."""
     if cfg.arch not in ARCHS:
         raise ValueError(f"model.arch: unknown architecture {cfg.arch!r}; expected one of {', '.join(ARCHS)}")
+    if cfg.nms not in NMS_METHODS:
+        raise ValueError(f"model.nms: unknown NMS {cfg.nms!r}; expected one of {', '.join(NMS_METHODS)}")
+    if cfg.arch == "retinanet":
+        return build_retinanet(cfg)
+    if cfg.arch == "yolact":
+        return build_yolact(cfg)
+    return build_two_stage(cfg)
+
+
+def _dense_test(cfg: ModelConfig, nms_pre: int) -> DenseTestSettings:
+    return DenseTestSettings(
+        nms_pre=nms_pre,
+        score_thr=cfg.score_thr,
+        nms=cfg.nms,
+        nms_iou=cfg.nms_iou,
+        nms_top_k=cfg.nms_top_k,
+        max_per_img=cfg.max_per_img,
+        soft_nms_sigma=cfg.soft_nms_sigma,
+        soft_nms_min_score=cfg.soft_nms_min_score,
+    )
+
+
+def _p3_p7_fpn(cfg: ModelConfig, backbone: nn.Module, **kw) -> FPN:
+    """FPN on C3-C5 with two extra stride-2 levels: P3-P7 (RetinaNet, YOLACT)."""
+    return FPN(in_channels=list(backbone.out_channels), out_channels=cfg.fpn_channels, num_outs=5, start_level=1, **kw)
+
+
+def build_retinanet(cfg: ModelConfig) -> OneStageDetector:
+    """mmdet's RetinaNet: FPN P3-P7 (P6 from C5), RetinaHead, focal loss, MaxIoU 0.5 / 0.4."""
+    rc = cfg.retinanet
+    backbone = build_backbone(cfg)
+    scales = [rc.octave_base_scale * 2 ** (i / rc.scales_per_octave) for i in range(rc.scales_per_octave)]
+    head = RetinaHead(
+        num_classes=cfg.num_classes,
+        in_channels=cfg.fpn_channels,
+        feat_channels=rc.feat_channels,
+        stacked_convs=rc.stacked_convs,
+        anchor_generator=AnchorGenerator(strides=cfg.anchor_strides, ratios=cfg.anchor_ratios, scales=scales),
+        assigner=MaxIoUAssigner(pos_iou_thr=rc.pos_iou, neg_iou_thr=rc.neg_iou, min_pos_iou=0.0, match_low_quality=True),
+        focal_alpha=rc.focal_alpha,
+        focal_gamma=rc.focal_gamma,
+        loss_bbox=rc.loss_bbox,
+        test=_dense_test(cfg, rc.nms_pre),
+    )
+    neck = _p3_p7_fpn(cfg, backbone, add_extra_convs="on_input")
+    return OneStageDetector(backbone=backbone, neck=neck, bbox_head=head)
+
+
+def build_yolact(cfg: ModelConfig) -> OneStageDetector:
+    """YOLACT after ``model.yolact.flavor``: the official code or mmdetection's port."""
+    yc = cfg.yolact
+    if yc.flavor not in YOLACT_FLAVORS:
+        raise ValueError(f"model.yolact.flavor: expected one of {YOLACT_FLAVORS}, got {yc.flavor!r}")
+    official = yc.flavor == "official"
+    backbone = build_backbone(cfg)
+    if official:
+        # P3-P5 get a ReLU and P6 / P7 are stride-2 convs on P5 / P6
+        neck = _p3_p7_fpn(cfg, backbone, add_extra_convs="on_output", upsample_mode="bilinear", relu_outputs=True)
+        priors = YolactPriorGenerator(
+            scales=yc.prior_scales, aspect_ratios=yc.aspect_ratios, max_size=yc.input_size, square=yc.square_anchors
+        )
+        assigner = ForcedMatchAssigner(pos_iou_thr=yc.pos_iou, neg_iou_thr=yc.neg_iou, crowd_iof_thr=yc.crowd_iof)
+    else:
+        neck = _p3_p7_fpn(cfg, backbone, add_extra_convs="on_input", upsample_mode="bilinear")
+        cells = _yolact_cells(yc.input_size)
+        priors = AnchorGenerator(
+            strides=[yc.input_size / c for c in cells],
+            ratios=cfg.anchor_ratios,
+            scales=[yc.octave_base_scale],
+            base_sizes=yc.base_sizes,
+            centers=[(yc.input_size * 0.5 / c, yc.input_size * 0.5 / c) for c in cells],
+        )
+        assigner = MaxIoUAssigner(
+            pos_iou_thr=yc.pos_iou, neg_iou_thr=yc.neg_iou, min_pos_iou=0.0, match_low_quality=True, gt_max_assign_all=False
+        )
+    bbox_head = YolactBoxHead(
+        num_classes=cfg.num_classes,
+        in_channels=cfg.fpn_channels,
+        feat_channels=yc.head_channels,
+        num_anchors=priors.num_base_anchors,
+        num_protos=yc.num_protos,
+        num_head_convs=yc.num_head_convs,
+    )
+    mask_head = YolactProtonet(
+        in_channels=cfg.fpn_channels,
+        channels=yc.proto_channels,
+        num_protos=yc.num_protos,
+        num_classes=cfg.num_classes,
+        semantic=yc.semantic,
+    )
+    logic = YolactHead(
+        num_classes=cfg.num_classes,
+        priors=priors,
+        settings=YolactSettings(
+            flavor=yc.flavor,
+            neg_pos_ratio=yc.neg_pos_ratio,
+            box_weight=yc.box_weight,
+            mask_alpha=yc.mask_alpha,
+            semantic_weight=yc.semantic_weight,
+            masks_to_train=yc.masks_to_train,
+            mask_thr=cfg.mask_thr,
+        ),
+        test=_dense_test(cfg, yc.nms_pre),
+        assigner=assigner,
+    )
+    return OneStageDetector(backbone=backbone, neck=neck, bbox_head=bbox_head, mask_head=mask_head, logic=logic)
+
+
+def _yolact_cells(input_size: int) -> list[int]:
+    """Cells per side of P3-P7 for a square input: a ResNet's stride-2 convs (pad 1) give
+    ``ceil`` at every halving (550 -> 69, 35, 18, 9, 5)."""
+    size = input_size
+    out = []
+    for level in range(7):
+        size = math.ceil(size / 2)
+        if level >= 2:
+            out.append(size)
+    return out
+
+
+def build_two_stage(cfg: ModelConfig) -> TwoStageDetector:
+    """Mask R-CNN, Cascade Mask R-CNN or HTC."""
     backbone = build_backbone(cfg)
     neck = FPN(in_channels=list(backbone.out_channels), out_channels=cfg.fpn_channels, num_outs=len(cfg.anchor_strides))
     semantic_head = None
@@ -136,6 +268,10 @@ def build_model(cfg: ModelConfig) -> TwoStageDetector:
         max_per_img=cfg.max_per_img,
         mask_thr=cfg.mask_thr,
         mask_merge=cfg.mask_merge,
+        nms=cfg.nms,
+        nms_top_k=cfg.nms_top_k,
+        soft_nms_sigma=cfg.soft_nms_sigma,
+        soft_nms_min_score=cfg.soft_nms_min_score,
     )
     return TwoStageDetector(
         backbone=backbone,

@@ -70,3 +70,31 @@ class DeltaXYWHCoder:
                 dim=-1,
             )
         return boxes.reshape(n, k * 4)
+
+
+class SSDCoder:
+    """The official YOLACT / SSD box coding with variances ``(0.1, 0.2)`` on centre-size priors.
+
+    ``encode``: ``t_xy = (g_c - p_c) / (v0 * p_wh)``, ``t_wh = log(g_wh / p_wh) / v1``.
+    ``decode`` follows the official operation order exactly (so results are bit-identical):
+    centre and size first, then ``x1y1 = c - wh / 2`` and ``x2y2 = x1y1 + wh``; no clamping.
+    Priors are ``(N, 4)`` ``(cx, cy, w, h)`` (relative or absolute, as long as boxes match).
+    """
+
+    def __init__(self, variances: tuple[float, float] = (0.1, 0.2)) -> None:
+        self.variances = (float(variances[0]), float(variances[1]))
+
+    def encode(self, priors: Tensor, boxes: Tensor) -> Tensor:
+        v0, v1 = self.variances
+        g_cxcy = (boxes[:, :2] + boxes[:, 2:]) / 2 - priors[:, :2]
+        g_cxcy = g_cxcy / (v0 * priors[:, 2:])
+        g_wh = (boxes[:, 2:] - boxes[:, :2]) / priors[:, 2:]
+        return torch.cat([g_cxcy, torch.log(g_wh) / v1], 1)
+
+    def decode(self, priors: Tensor, loc: Tensor) -> Tensor:
+        v0, v1 = self.variances
+        boxes = torch.cat(
+            (priors[:, :2] + loc[:, :2] * v0 * priors[:, 2:], priors[:, 2:] * torch.exp(loc[:, 2:] * v1)), 1
+        )
+        x1y1 = boxes[:, :2] - boxes[:, 2:] / 2
+        return torch.cat([x1y1, x1y1 + boxes[:, 2:]], 1)

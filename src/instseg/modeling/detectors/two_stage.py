@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from instseg.modeling.dense_heads.rpn import RPNHead
+from instseg.modeling.detectors.base import Detector
 from instseg.modeling.roi_heads.cascade import CascadeRoIHead, RoIPredictions
 from instseg.ops.boxes import rescale_boxes
 from instseg.structures.instances import Detections, ImageBatch, ImageTargets
@@ -27,7 +28,7 @@ class Intermediates:
     roi: list[RoIPredictions]
 
 
-class TwoStageDetector(nn.Module):
+class TwoStageDetector(Detector):
     """``forward(batch, targets)`` returns the loss dict; ``predict(batch)`` returns Detections.
 
     The loss dict holds every named term, metrics such as ``acc`` (not summed) and ``loss``,
@@ -52,62 +53,15 @@ class TwoStageDetector(nn.Module):
         # mmdet's Mask R-CNN pads GT masks to the padded input (pad_mask=True); HTC does not.
         # It only changes mask targets of RoIs that cross the bottom/right image border.
         self.pad_masks_to_input = pad_masks_to_input
-        self._channels_last = False  # see use_channels_last()
-
-    @torch.no_grad()
-    def optimize_for_inference(self, *, channels_last: bool = True) -> "TwoStageDetector":
-        """Prepares the model for fast inference, IN PLACE; returns ``self``. Idempotent.
-
-        - Puts the model in eval mode and folds the backbone's BatchNorm layers into the
-          convolutions before them (one conv instead of conv + BN per layer).  Folding is exact
-          only for eval-mode BN and changes the parameterisation, so do not train (or save for
-          training) a model after calling this.  Backbones without BN folding are left alone.
-        - With ``channels_last``, convolutions run in NHWC memory format (see
-          :meth:`use_channels_last`); results equal NCHW up to float rounding.
-        """
-        self.eval()
-        fuse = getattr(self.backbone, "fuse_bn_for_inference", None)
-        if fuse is not None:
-            # re-running is a no-op: folded BN layers are already nn.Identity
-            fuse()
-        if channels_last:
-            self.use_channels_last()
-        return self
-
-    def use_channels_last(self, enabled: bool = True) -> "TwoStageDetector":
-        """Stores every conv weight channels-last (NHWC) and feeds the backbone NHWC; returns ``self``.
-
-        oneDNN (CPU) and cuDNN convolutions, forward and backward, are faster in NHWC (on CPU
-        about 25-30 % for the R-50-FPN backbone and the 100-RoI mask head).  Memory format is only
-        a layout: every op still sees the same logical tensor, so results change by float rounding
-        at most, and parameter names and values (hence checkpoints) are unaffected.  RoI features
-        stay NCHW (convolutions with NHWC weights produce NHWC output by themselves).
-        """
-        fmt = torch.channels_last if enabled else torch.contiguous_format
-        self.to(memory_format=fmt)  # only 4-D parameters (conv weights) change layout
-        self._channels_last = enabled
-        return self
-
-    def extract_feats(self, images: Tensor) -> list[Tensor]:
-        return self.neck(self.backbone(images))
 
     def _dense_forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """FPN features (NCHW-contiguous, for the RoI heads) and the RPN's logits and deltas."""
-        if self._channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         feats = self.extract_feats(images)
         logits, deltas = self.rpn_head(feats)
         if self._channels_last:
             # one layout conversion per level here instead of one inside every roi_align call
             feats = [f.contiguous() for f in feats]
         return feats, logits, deltas
-
-    def forward(
-        self, batch: ImageBatch, targets: Sequence[ImageTargets] | None = None
-    ) -> dict[str, Tensor] | list[Detections]:
-        if targets is None:
-            return self.predict(batch)
-        return self.loss(batch, targets)
 
     def loss(self, batch: ImageBatch, targets: Sequence[ImageTargets]) -> dict[str, Tensor]:
         device = batch.images.device

@@ -50,6 +50,10 @@ class FPN(nn.Module):
         add_extra_convs: ``False`` -> extra levels by ``max_pool2d(x, 1, stride=2)`` of the last
             output; otherwise the source of the first stride-2 extra conv.
         relu_before_extra_convs: apply ReLU before the 2nd and later extra convs.
+        upsample_mode: top-down interpolation, ``"nearest"`` (mmdet default) or ``"bilinear"``
+            (``align_corners=False``; mmdet's YOLACT config and the official YOLACT).
+        relu_outputs: ReLU on the outputs of the used levels, before the extra levels are built
+            from them (the official YOLACT's ``relu_pred_layers``; its P6 comes from the ReLU'd P5).
     """
 
     def __init__(
@@ -61,8 +65,14 @@ class FPN(nn.Module):
         start_level: int = 0,
         add_extra_convs: bool | Literal["on_input", "on_lateral", "on_output"] = False,
         relu_before_extra_convs: bool = False,
+        upsample_mode: Literal["nearest", "bilinear"] = "nearest",
+        relu_outputs: bool = False,
     ) -> None:
         super().__init__()
+        if upsample_mode not in ("nearest", "bilinear"):
+            raise ValueError(f"invalid upsample_mode={upsample_mode!r}")
+        self.upsample_mode = upsample_mode
+        self.relu_outputs = relu_outputs
         in_channels = list(in_channels)
         if not 0 <= start_level < len(in_channels):
             raise ValueError(f"start_level {start_level} out of range for {len(in_channels)} inputs")
@@ -102,6 +112,11 @@ class FPN(nn.Module):
                 nn.init.xavier_uniform_(m.weight, gain=1.0)
                 nn.init.zeros_(m.bias)
 
+    def _upsample(self, x: Tensor, size) -> Tensor:
+        if self.upsample_mode == "nearest":
+            return F.interpolate(x, size=size, mode="nearest")
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
     def forward(self, feats: list[Tensor] | tuple[Tensor, ...]) -> list[Tensor]:
         if len(feats) != self.num_ins:
             raise ValueError(f"FPN expects {self.num_ins} feature maps, got {len(feats)}")
@@ -109,10 +124,10 @@ class FPN(nn.Module):
         laterals = [conv(feats[i + s]) for i, conv in enumerate(self.lateral_convs)]
         used = len(laterals)
         for i in range(used - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(
-                laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest"
-            )
+            laterals[i - 1] = laterals[i - 1] + self._upsample(laterals[i], laterals[i - 1].shape[-2:])
         outs = [self.fpn_convs[i](laterals[i]) for i in range(used)]
+        if self.relu_outputs:
+            outs = [F.relu(o) for o in outs]
         if self.num_outs > used:
             if not self.add_extra_convs:
                 for _ in range(self.num_outs - used):

@@ -123,6 +123,10 @@ class CascadeRoIHead(nn.Module):
         max_per_img: int = 100,
         mask_thr: float = 0.5,
         mask_merge: str = "mean",
+        nms: str = "hard",
+        nms_top_k: int = 200,
+        soft_nms_sigma: float = 0.5,
+        soft_nms_min_score: float = 1e-3,
     ) -> None:
         super().__init__()
         if mask_merge not in ("mean", "last"):
@@ -137,6 +141,8 @@ class CascadeRoIHead(nn.Module):
         self.mask_info_flow = mask_info_flow
         self.score_thr = score_thr
         self.nms_iou = nms_iou
+        # the test-time NMS of ops/nms.py (model.nms): hard, fast, fast_cross_class, soft_*
+        self.nms = dict(method=nms, top_k=nms_top_k, sigma=soft_nms_sigma, min_score=soft_nms_min_score)
         self.max_per_img = max_per_img
         self.mask_thr = mask_thr
         self.mask_merge = mask_merge
@@ -358,7 +364,8 @@ class CascadeRoIHead(nn.Module):
         for i, (size, sl) in enumerate(zip(image_sizes, _image_slices(counts))):
             boxes = last.coder.decode(rois_per_image[i], deltas[sl], max_shape=size)
             b, s, lab, _ = multiclass_nms(
-                boxes, scores[sl], score_thr=self.score_thr, iou_threshold=self.nms_iou, max_num=self.max_per_img
+                boxes, scores[sl], score_thr=self.score_thr, iou_threshold=self.nms_iou, max_num=self.max_per_img,
+                **self.nms,
             )
             pred = RoIPredictions(b, s, lab, None)
             if keep_intermediates:

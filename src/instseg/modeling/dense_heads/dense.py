@@ -1,0 +1,146 @@
+"""What every anchor-based dense head shares (RetinaNet, YOLACT, RDSNet's object stream).
+
+The flow of a dense head, written once here:
+
+- ``flatten_levels``: per-level conv outputs ``(B, A * c, H, W)`` -> one ``(B, sum(H W A), c)``
+  tensor in the anchors' order (row-major cells, then base anchor), plus the level sizes;
+- ``assign_anchors``: per image, anchors -> class targets (``0..C-1`` foreground, ``C``
+  background, ``-1`` ignored) and the matched ground-truth index of each positive;
+- ``loss_normaliser``: the batch's positives (at least 1), mmdet's ``avg_factor`` with a
+  pseudo sampler;
+- ``topk_per_level``: the per-level candidate selection of mmdet's ``_predict_by_feat_single``;
+- ``class_nms``: the NMS family of ``ops/nms.py`` (``model.nms``) plus the per-image cap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from instseg.ops.nms import nms_by_method
+
+
+def flatten_levels(outs: list[Tensor], channels: int) -> Tensor:
+    """``[(B, A * channels, H, W)]`` per level -> ``(B, sum(H * W * A), channels)``."""
+    b = outs[0].shape[0]
+    return torch.cat([o.permute(0, 2, 3, 1).reshape(b, -1, channels) for o in outs], dim=1)
+
+
+def level_sizes(outs: list[Tensor]) -> list[tuple[int, int]]:
+    return [(int(o.shape[-2]), int(o.shape[-1])) for o in outs]
+
+
+@dataclass
+class AnchorTargets:
+    """Per-anchor training targets of one image.
+
+    Attributes:
+        labels: ``(N,)`` int64: ``0..C-1`` positive class, ``C`` background, ``-1`` ignored.
+        gt_inds: ``(N,)`` int64: 0-based matched ground truth of positives, ``-1`` elsewhere.
+    """
+
+    labels: Tensor
+    gt_inds: Tensor
+
+    @property
+    def pos(self) -> Tensor:
+        return torch.nonzero(self.gt_inds >= 0).flatten()
+
+    @property
+    def num_pos(self) -> int:
+        return int((self.gt_inds >= 0).sum())
+
+
+def assign_anchors(
+    assigner, anchors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_classes: int, *, valid: Tensor | None = None, **kw
+) -> AnchorTargets:
+    """Runs ``assigner`` on the (valid) anchors; anchors outside ``valid`` are ignored."""
+    n = anchors.shape[0]
+    device = anchors.device
+    labels = torch.full((n,), -1, dtype=torch.int64, device=device)
+    gt_inds = torch.full((n,), -1, dtype=torch.int64, device=device)
+    idx = torch.arange(n, device=device) if valid is None else torch.nonzero(valid).flatten()
+    result = assigner.assign(anchors[idx], gt_boxes, gt_labels, **kw)
+    neg = result.gt_inds == 0
+    pos = result.gt_inds > 0
+    labels[idx[neg]] = num_classes
+    labels[idx[pos]] = gt_labels[result.gt_inds[pos] - 1]
+    gt_inds[idx[pos]] = result.gt_inds[pos] - 1
+    return AnchorTargets(labels, gt_inds)
+
+
+def loss_normaliser(targets: list[AnchorTargets]) -> float:
+    """Positives in the batch, at least one (what the dense losses divide by)."""
+    return float(max(sum(t.num_pos for t in targets), 1))
+
+
+def topk_per_level(
+    scores: Tensor, counts: list[int], k: int, *, score_thr: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """mmdet's per-level candidate selection on one image's ``(N, C)`` class scores.
+
+    With ``score_thr`` (RetinaNet, sigmoid scores): per level, the (anchor, class) pairs above
+    the threshold, at most ``k`` of them by score.  Without (mmdet's YOLACT): per level, the
+    ``k`` anchors with the highest max class score, every class of them kept.
+
+    Returns ``(anchor indices, labels, scores)`` of the candidates (flat over levels).
+    """
+    rows, labels, vals = [], [], []
+    start = 0
+    num_classes = scores.shape[1]
+    for count in counts:
+        s = scores[start : start + count]
+        if score_thr is not None:
+            flat = s.reshape(-1)
+            valid = torch.nonzero(flat > score_thr).flatten()
+            v = flat[valid]
+            if 0 < k < v.numel():
+                v, order = v.topk(k)
+                valid = valid[order]
+            else:
+                v, order = v.sort(descending=True)
+                valid = valid[order]
+            rows.append(valid // num_classes + start)
+            labels.append(valid % num_classes)
+            vals.append(v)
+        else:
+            anchors = torch.arange(count, device=scores.device)
+            if 0 < k < count:
+                _, anchors = s.max(dim=1).values.topk(k)
+            r = (anchors + start)[:, None].expand(-1, num_classes).reshape(-1)
+            rows.append(r)
+            labels.append(torch.arange(num_classes, device=scores.device).repeat(anchors.numel()))
+            vals.append(s[anchors].reshape(-1))
+        start += count
+    return torch.cat(rows), torch.cat(labels), torch.cat(vals)
+
+
+def class_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    *,
+    method: str,
+    iou_threshold: float,
+    max_num: int,
+    top_k: int = 200,
+    score_thr: float | None = None,
+    sigma: float = 0.5,
+    min_score: float = 1e-3,
+) -> tuple[Tensor, Tensor]:
+    """NMS of ``model.nms`` on candidate triples, then an optional score threshold on the
+    survivors (Fast NMS's "second threshold") and the per-image cap ``max_num``.
+
+    Returns ``(kept candidate indices, their scores)``, best first.
+    """
+    keep, out_scores = nms_by_method(
+        boxes, scores, labels, method=method, iou_threshold=iou_threshold, top_k=top_k, sigma=sigma, min_score=min_score
+    )
+    if score_thr is not None:
+        ok = out_scores > score_thr
+        keep, out_scores = keep[ok], out_scores[ok]
+    if max_num > 0:
+        keep, out_scores = keep[:max_num], out_scores[:max_num]
+    return keep, out_scores

@@ -1,0 +1,77 @@
+"""What every detector shares: the ``forward`` dispatch and the inference speed-ups.
+
+Subclasses implement ``loss(batch, targets) -> dict`` and ``predict(batch) -> list[Detections]``
+(in each image's original frame); everything above ``modeling/`` sees only that contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from instseg.structures.instances import Detections, ImageBatch, ImageTargets
+
+
+class Detector(nn.Module):
+    """Base of the one- and two-stage detectors: ``backbone`` + ``neck`` plus heads."""
+
+    backbone: nn.Module
+    neck: nn.Module
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._channels_last = False  # see use_channels_last()
+
+    def forward(
+        self, batch: ImageBatch, targets: Sequence[ImageTargets] | None = None
+    ) -> dict[str, Tensor] | list[Detections]:
+        if targets is None:
+            return self.predict(batch)
+        return self.loss(batch, targets)
+
+    def loss(self, batch: ImageBatch, targets: Sequence[ImageTargets]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def predict(self, batch: ImageBatch) -> list[Detections]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def optimize_for_inference(self, *, channels_last: bool = True) -> "Detector":
+        """Prepares the model for fast inference, IN PLACE; returns ``self``. Idempotent.
+
+        - Puts the model in eval mode and folds the backbone's BatchNorm layers into the
+          convolutions before them (one conv instead of conv + BN per layer).  Folding is exact
+          only for eval-mode BN and changes the parameterisation, so do not train (or save for
+          training) a model after calling this.  Backbones without BN folding are left alone.
+        - With ``channels_last``, convolutions run in NHWC memory format (see
+          :meth:`use_channels_last`); results equal NCHW up to float rounding.
+        """
+        self.eval()
+        fuse = getattr(self.backbone, "fuse_bn_for_inference", None)
+        if fuse is not None:
+            # re-running is a no-op: folded BN layers are already nn.Identity
+            fuse()
+        if channels_last:
+            self.use_channels_last()
+        return self
+
+    def use_channels_last(self, enabled: bool = True) -> "Detector":
+        """Stores every conv weight channels-last (NHWC) and feeds the backbone NHWC; returns ``self``.
+
+        oneDNN (CPU) and cuDNN convolutions, forward and backward, are faster in NHWC (on CPU
+        about 25-30 % for the R-50-FPN backbone and the 100-RoI mask head).  Memory format is only
+        a layout: every op still sees the same logical tensor, so results change by float rounding
+        at most, and parameter names and values (hence checkpoints) are unaffected.
+        """
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        self.to(memory_format=fmt)  # only 4-D parameters (conv weights) change layout
+        self._channels_last = enabled
+        return self
+
+    def extract_feats(self, images: Tensor) -> list[Tensor]:
+        """Neck outputs for a batch of images (channels-last input when enabled)."""
+        if self._channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.neck(self.backbone(images))
