@@ -439,3 +439,54 @@ def yolact_r18_c64_shapes() -> Config:
     train = TrainConfig(lr=1e-3, warmup_iters=20, grad_clip=35.0)
     train.skip_nonfinite = True
     return Config(model=model, data=data, train=train)
+
+
+def _yolact_cpu(data: DataConfig, input_size: int, **overrides) -> ModelConfig:
+    """Official-flavour YOLACT on an ImageNet MobileNetV2 with 64-channel FPN, head and protonet.
+
+    BN statistics stay frozen (``norm_eval``), as the official code does below 6 images per step.
+    """
+    model = _yolact_model(
+        "official",
+        "mobilenet_v2",
+        input_size,
+        backbone_weights="imagenet",
+        frozen_stages=1,
+        norm_eval=True,
+        fpn_channels=64,
+        head_channels=64,
+        proto_channels=64,
+    )
+    for key, value in overrides.items():
+        setattr(model.yolact if hasattr(model.yolact, key) else model, key, value)
+    _yolact_data(input_size, "official", data)
+    return model
+
+
+def _yolact_cpu_train(train: TrainConfig, *, lr: float, epochs: int) -> TrainConfig:
+    """A one-stage model needs more passes than the two-stage CPU presets: ``epochs`` with one
+    step at 80 %; YOLACT's momentum / weight decay; non-finite losses skip the step."""
+    train.lr, train.momentum, train.weight_decay = lr, 0.9, 5e-4
+    train.epochs, train.lr_steps = epochs, (int(epochs * 0.8 + 0.5),)
+    train.skip_nonfinite = True
+    return train
+
+
+@preset
+def yolact_synth_cpu() -> Config:
+    """YOLACT on the built-in synthetic data: 352 x 352 squash, 4 images per step, 14 epochs."""
+    data = _synth_data()
+    model = _yolact_cpu(data, 352)
+    train = _yolact_cpu_train(_synth_train(), lr=4e-3, epochs=14)
+    return Config(model=model, data=data, train=train)
+
+
+@preset
+def yolact_nuclei_cpu() -> Config:
+    """YOLACT for the DSB2018 nuclei: 512 x 512 squash, prior scales 16-256 px, up to 400
+    detections per image (Fast NMS keeps the top 1000 candidates of the one class)."""
+    data = _nuclei_data()
+    model = _yolact_cpu(data, 512, prior_scales=(16.0, 32.0, 64.0, 128.0, 256.0), max_per_img=400, nms_top_k=1000)
+    train = _yolact_cpu_train(_nuclei_train(), lr=2e-3, epochs=10)
+    train.max_minutes = 28.0
+    return Config(model=model, data=data, train=train)

@@ -14,12 +14,24 @@ The flow of a dense head, written once here:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from instseg.ops.nms import nms_by_method
+from instseg.structures.instances import ImageTargets
+
+
+def drop_degenerate(t: ImageTargets) -> ImageTargets:
+    """Drops instances whose box has no width or height (box deltas would be infinite), with
+    their labels and masks; crowd boxes are left alone."""
+    ok = (t.boxes[:, 2] > t.boxes[:, 0]) & (t.boxes[:, 3] > t.boxes[:, 1])
+    if bool(ok.all()):
+        return t
+    keep = torch.nonzero(ok).flatten()
+    masks = None if t.masks is None else t.masks.select(keep.cpu())
+    return replace(t, boxes=t.boxes[keep], labels=t.labels[keep], masks=masks)
 
 
 def flatten_levels(outs: list[Tensor], channels: int) -> Tensor:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from instseg.modeling.dense_heads.dense import drop_degenerate
 from instseg.modeling.dense_heads.retinanet import RetinaHead
 from instseg.modeling.dense_heads.yolact import YolactHead, YolactProtonet
 from instseg.modeling.detectors.base import Detector
@@ -52,7 +53,7 @@ class OneStageDetector(Detector):
 
     def loss(self, batch: ImageBatch, targets: Sequence[ImageTargets]) -> dict[str, Tensor]:
         device = batch.images.device
-        targets = [t.to(device) for t in targets]
+        targets = [drop_degenerate(t.to(device)) for t in targets]
         feats = self.extract_feats(batch.images)
         out = self.bbox_head(feats)
         if self.logic is None:
