@@ -61,12 +61,16 @@ class ImageTargets:
         labels: ``(N,)`` int64 contiguous labels.
         masks: instance masks as crops (or ``None`` for box-only training).
         semantic: ``(Hp, Wp)`` int64 stuff+thing map padded with 255 (or ``None``).
+        crowd_boxes: ``(K, 4)`` float XYXY boxes of the image's crowd (``iscrowd=1``) regions, in
+            the same frame as ``boxes`` (or ``None`` when the source has none, e.g. synthetic
+            data).  Never training instances: only used to neutralise anchors that overlap them.
     """
 
     boxes: Tensor
     labels: Tensor
     masks: CroppedMasks | None = None
     semantic: Tensor | None = None
+    crowd_boxes: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -77,6 +81,7 @@ class ImageTargets:
             boxes=self.boxes.to(device),
             labels=self.labels.to(device),
             semantic=None if self.semantic is None else self.semantic.to(device),
+            crowd_boxes=None if self.crowd_boxes is None else self.crowd_boxes.to(device),
         )
 
 

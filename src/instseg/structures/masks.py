@@ -146,6 +146,47 @@ class CroppedMasks:
             return CroppedMasks(self.crops, self.offsets, self.frame)
         return _recrop([(c, int(o[0]), int(o[1])) for c, o in zip(self.crops, self.offsets)], (nh, nw))
 
+    def nonempty(self) -> Tensor:
+        """``(N,)`` bool: whether each mask has at least one pixel."""
+        return torch.tensor([bool(c.any()) for c in self.crops], dtype=torch.bool)
+
+    def translate(self, dx: int, dy: int, new_frame: tuple[int, int] | None = None) -> CroppedMasks:
+        """Moves every mask by whole pixels ``(dx, dy)`` into a frame of size ``new_frame``
+        (``(h, w)``, default: the current one).
+
+        Pixel ``(x, y)`` goes to ``(x + dx, y + dy)``; pixels that land outside the new frame are
+        dropped (a mask that loses all its pixels becomes the usual 1x1 empty crop at (0, 0)).
+        Crops are re-tightened with their ``MARGIN``, which matters when the frame grows: a crop
+        whose margin had been clamped at the old border gets it back (see ``pad``).  Used by
+        expand (positive shifts into a larger canvas) and ``crop``.
+        """
+        frame = self.frame if new_frame is None else (int(new_frame[0]), int(new_frame[1]))
+        if frame[0] <= 0 or frame[1] <= 0:
+            raise ValueError(f"new_frame must be positive (h, w), got {frame}")
+        dx, dy = int(dx), int(dy)
+        h, w = frame
+        pieces: list[tuple[Tensor, int, int]] = []
+        for crop, off in zip(self.crops, self.offsets):
+            x0, y0 = int(off[0]) + dx, int(off[1]) + dy
+            ch, cw = crop.shape
+            # visible part of the moved crop, in the crop's own coordinates
+            cx0, cy0 = max(0, -x0), max(0, -y0)
+            cx1, cy1 = min(cw, w - x0), min(ch, h - y0)
+            if cx1 <= cx0 or cy1 <= cy0:
+                pieces.append((torch.zeros((1, 1), dtype=torch.uint8), 0, 0))
+                continue
+            pieces.append((crop[cy0:cy1, cx0:cx1], x0 + cx0, y0 + cy0))
+        return _recrop(pieces, frame)
+
+    def crop(self, x0: int, y0: int, x1: int, y1: int) -> CroppedMasks:
+        """The masks inside the integer window ``[x0, x1) x [y0, y1)``, in the window's own frame
+        ``(y1 - y0, x1 - x0)`` (as mmdet's ``BitmapMasks.crop``).  Masks with no pixel inside
+        become empty (check ``nonempty()``); they are kept so indices stay aligned with boxes."""
+        x0, y0, x1, y1 = int(x0), int(y0), int(x1), int(y1)
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"crop window must have x1 > x0 and y1 > y0, got {(x0, y0, x1, y1)}")
+        return self.translate(-x0, -y0, (y1 - y0, x1 - x0))
+
     def roi_targets(self, boxes: Tensor, gt_indices: Tensor, size: int) -> Tensor:
         """Mask-RCNN targets: RoIAligns mask ``gt_indices[k]`` inside ``boxes[k]`` to ``size x size``.
 

@@ -106,6 +106,19 @@ class RoIPredictions:
     stage_rois: list[Tensor] | None = None
 
 
+@dataclass
+class BoxCandidates:
+    """Pre-NMS cascade outputs: per image decoded boxes ``(N_i, 4 or 4C)``, the batch's class
+    probabilities ``(sum N_i, C + 1)`` (rows of image ``i`` at ``slices[i]``), and per stage the
+    raw logits and RoIs."""
+
+    boxes: list[Tensor]
+    scores: Tensor
+    slices: list[slice]
+    stage_logits: list[Tensor]
+    stage_rois: list[Tensor]
+
+
 class CascadeRoIHead(nn.Module):
     def __init__(
         self,
@@ -342,6 +355,29 @@ class CascadeRoIHead(nn.Module):
         sem_feat = semantic_feat
         if sem_feat is None and self.semantic_head is not None:
             sem_feat = self.semantic_head(feats)[1]
+        cand = self.box_candidates(feats, proposals, image_sizes, sem_feat)
+        results: list[RoIPredictions] = []
+        for i, sl in enumerate(cand.slices):
+            b, s, lab, _ = multiclass_nms(
+                cand.boxes[i], cand.scores[sl], score_thr=self.score_thr, iou_threshold=self.nms_iou,
+                max_num=self.max_per_img, **self.nms,
+            )
+            pred = RoIPredictions(b, s, lab, None)
+            if keep_intermediates:
+                pred.stage_logits = [lg[sl] for lg in cand.stage_logits]
+                pred.stage_rois = [r[sl] for r in cand.stage_rois]
+            results.append(pred)
+        if with_masks and self.with_mask:
+            self._predict_masks(feats, sem_feat, results)
+        return results
+
+    @torch.no_grad()
+    def box_candidates(
+        self, feats: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]], sem_feat: Tensor | None
+    ) -> "BoxCandidates":
+        """The cascade up to NMS: every stage refines the previous one's boxes (by the argmax
+        class); class probabilities are the softmax of the mean of the stages' logits and boxes
+        the last stage's decoding (mmdetection v2's ``simple_test`` / ``aug_test``)."""
         counts = [p.shape[0] for p in proposals]
         rois_per_image = list(proposals)
         all_logits: list[Tensor] = []
@@ -358,23 +394,11 @@ class CascadeRoIHead(nn.Module):
                 rois_per_image = [
                     stage.coder.decode(r, di, max_shape=size) for r, di, size in zip(rois_per_image, d, image_sizes)
                 ]
-        scores = torch.stack(all_logits).mean(dim=0).softmax(dim=1) if all_logits else None
+        scores = torch.stack(all_logits).mean(dim=0).softmax(dim=1)
         last = self.stages[-1]
-        results: list[RoIPredictions] = []
-        for i, (size, sl) in enumerate(zip(image_sizes, _image_slices(counts))):
-            boxes = last.coder.decode(rois_per_image[i], deltas[sl], max_shape=size)
-            b, s, lab, _ = multiclass_nms(
-                boxes, scores[sl], score_thr=self.score_thr, iou_threshold=self.nms_iou, max_num=self.max_per_img,
-                **self.nms,
-            )
-            pred = RoIPredictions(b, s, lab, None)
-            if keep_intermediates:
-                pred.stage_logits = [lg[sl] for lg in all_logits]
-                pred.stage_rois = [r[sl] for r in stage_rois]
-            results.append(pred)
-        if with_masks and self.with_mask:
-            self._predict_masks(feats, sem_feat, results)
-        return results
+        slices = _image_slices(counts)
+        boxes = [last.coder.decode(rois_per_image[i], deltas[sl], max_shape=image_sizes[i]) for i, sl in enumerate(slices)]
+        return BoxCandidates(boxes, scores, slices, all_logits, stage_rois)
 
     def _predict_masks(self, feats: list[Tensor], sem_feat: Tensor | None, results: list[RoIPredictions]) -> None:
         rois = boxes_to_rois([r.boxes for r in results])
