@@ -1,11 +1,18 @@
-"""Speed of instseg's Mask R-CNN / HTC R-50-FPN next to torchvision's Mask R-CNN R-50-FPN.
+"""Speed of instseg's detectors side by side with references (torchvision, or instseg's Mask R-CNN).
 
 Usage::
 
-    .venv/bin/python benchmarks/speed.py [--device cpu|cuda] [--threads 2] [--iters 5]
-        [--skip-train] [--skip-htc] [--out benchmarks/results/speed_<host>.json]
+    .venv/bin/python benchmarks/speed.py [--family two-stage|one-stage|all] [--device cpu|cuda]
+        [--threads 2] [--iters 5] [--skip-train] [--skip-htc] [--skip-retinanet] [--skip-yolact]
+        [--tv-frozen] [--out benchmarks/results/speed_<host>.json]
 
-What is compared (one process, so both models see the same machine load):
+``--family two-stage`` (the default, and what this script always did): instseg's Mask R-CNN / HTC
+R-50-FPN next to torchvision's Mask R-CNN R-50-FPN, written to ``speed_<host>.json``.
+``--family one-stage``: RetinaNet R-50-FPN next to torchvision's RetinaNet, and YOLACT-550 R-50
+next to instseg's Mask R-CNN R-50-FPN (``speed_one_stage_<host>.json``); ``--family all``: both
+(``speed_all_<host>.json``).  The sections are described below.
+
+Two-stage (one process, so both models see the same machine load):
 
 * **Input.** One 800x1216 image (already a multiple of 32, so neither model resizes or pads it).
   instseg gets the mmdetection-normalised tensor ``(img - mean) / std``; torchvision gets
@@ -31,10 +38,50 @@ What is compared (one process, so both models see the same machine load):
   scores of about 1/81 pass, so it also keeps 100 detections); its training step adds a random
   semantic map with labels < 183.
 
+One-stage, RetinaNet (issue 6: ratio instseg / torchvision <= 1.0 must, <= 0.8 goal):
+
+* **Models.** instseg's ``retinanet_r50_fpn_1x_coco`` (mmdet's RetinaNet: P3-P7, P6 from C5,
+  4 x 256 towers, 9 anchors per location, sigmoid focal loss, L1 box loss) and torchvision's
+  ``retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=80)`` (v1: the same
+  head, anchors, matcher 0.5 / 0.4 with low-quality matches, focal + L1 losses; its P6 is computed
+  from P5, 256 channels, where mmdet's is from C5, 2048 channels: instseg does the slightly larger
+  P6 conv).  80 sigmoid classes each, random weights, both heads initialised with the 0.01 prior.
+* **Input.** The same image and tensor semantics as the Mask R-CNN comparison: 800x1216,
+  instseg gets ``(img - mean) / std``, torchvision ``img / 255`` with ``min_size=800,
+  max_size=1216`` (its resize is the identity).
+* **Detections.** Random weights give every (anchor, class) score about the 0.01 prior, below
+  mmdet's 0.05, so both use score threshold 0.0 with 1000 candidates per level and 100
+  detections per image: torchvision ``score_thresh=0.0, topk_candidates=1000,
+  detections_per_img=100`` (NMS 0.5), instseg ``model.score_thr=0.0,
+  model.retinanet.nms_pre=1000, model.max_per_img=100`` (hard NMS 0.5).  Both therefore keep
+  1000 candidates on every level, run class-wise NMS on the 5000 and return 100 boxes.
+* **Inference / training step.** As for Mask R-CNN: ``optimize_for_inference()`` for instseg,
+  torchvision as shipped; training = forward + backward + ``SGD(lr=0)`` step on ``--num-gt``
+  random boxes (labels in ``[0, 80)``, torchvision's RetinaNet has no background class), instseg
+  with ``use_channels_last()``.  ``--tv-frozen`` freezes torchvision's BN and stem + layer1 as
+  for Mask R-CNN (instseg's preset: ``frozen_stages=1, norm_eval=True``).
+
+One-stage, YOLACT vs Mask R-CNN (issue 6 goal: YOLACT >= 3x faster, i.e. ratio <= 0.333):
+
+* **Models.** instseg's ``yolact_resnet50`` (the official ``yolact_resnet50_config``: R-50-FPN,
+  550x550, protonet k = 32, Fast NMS top 200 per class, 100 detections) and instseg's
+  ``mask_rcnn_r50_fpn_1x_coco``, both random weights, both ``optimize_for_inference()``.
+* **Input.** The benchmark's 800x1216 image: Mask R-CNN as above; YOLACT gets it squash-resized
+  to 550x550 (bilinear) and normalised with YOLACT's mean / std, with ``original_sizes =
+  (800, 1216)``.  The resize and normalisation are data-pipeline work and are not timed (as the
+  normalisation is not for any model here).
+* **Detections.** Both use score threshold 0.0 and keep 100 detections with masks pasted at the
+  full 800x1216 resolution.  YOLACT's official candidates are the anchors whose best softmax
+  foreground score passes ``score_thr``; with 0.0 that is all 19,248 anchors, the most work its
+  Fast NMS can see (random weights would pass the preset's 0.05 too, but trained softmax scores
+  mostly do not, so 0.0 is the conservative setting for YOLACT).  YOLACT's timed call includes
+  the prototypes, the 100 mask combinations and crops and their upsampling to 800x1216.
+
 Timing: ``--warmup`` untimed calls of each model, then ``--iters`` rounds, each timing one call
 of every model in turn (the order alternates between rounds); reported numbers are medians in ms
-per image and the ratio instseg / torchvision (lower is better for instseg).  On CUDA every
-timed call is bracketed by ``torch.cuda.synchronize()``.
+per image and the ratio instseg / reference (lower is better for instseg).  Each comparison
+(Mask R-CNN, RetinaNet, YOLACT) is its own set of interleaved rounds.  On CUDA every timed call
+is bracketed by ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -50,6 +97,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
@@ -62,6 +110,8 @@ HEIGHT, WIDTH = 800, 1216
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 NUM_CLASSES = 80
+YOLACT_PRESET = "yolact_resnet50"
+FAMILIES = ("two-stage", "one-stage", "all")
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -104,6 +154,22 @@ def instseg_batch(img: Tensor, device: torch.device) -> ImageBatch:
     )
 
 
+def yolact_batch(img: Tensor, device: torch.device) -> ImageBatch:
+    """YOLACT's input for the benchmark image: squash-resized to the preset's square size and
+    normalised with its mean / std; detections and masks come back in the 800x1216 frame."""
+    cfg = get_preset(YOLACT_PRESET)
+    size = cfg.model.yolact.input_size
+    mean = torch.tensor(cfg.data.mean)[:, None, None]
+    std = torch.tensor(cfg.data.std)[:, None, None]
+    small = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    return ImageBatch(
+        images=((small - mean) / std)[None].to(device),
+        image_sizes=[(size, size)],
+        original_sizes=[(HEIGHT, WIDTH)],
+        scale_factors=torch.tensor([[size / WIDTH, size / HEIGHT]], device=device),
+    )
+
+
 # ---------------------------------------------------------------------------------------- models
 def build_instseg(preset: str, device: torch.device, *, score_thr: float | None) -> nn.Module:
     cfg = get_preset(preset).model
@@ -124,12 +190,43 @@ def build_torchvision(device: torch.device, *, frozen: bool) -> nn.Module:
     )
     model = torchvision.models.detection.maskrcnn_resnet50_fpn(**kwargs)
     if frozen:
-        # torchvision ignores trainable_backbone_layers without pretrained weights, so freeze by hand
-        _freeze_bn(model.backbone.body)
-        for name, p in model.backbone.body.named_parameters():
-            if not name.startswith(("layer2.", "layer3.", "layer4.")):
-                p.requires_grad_(False)
+        _freeze_backbone(model)
     return model.to(device)
+
+
+def build_instseg_retinanet(device: torch.device) -> nn.Module:
+    """``retinanet_r50_fpn_1x_coco`` with score threshold 0 (1000 candidates per level, 100 kept)."""
+    cfg = get_preset("retinanet_r50_fpn_1x_coco").model
+    cfg.score_thr = 0.0
+    cfg.max_per_img = 100
+    cfg.retinanet.nms_pre = 1000
+    return build_model(cfg).to(device)
+
+
+def build_torchvision_retinanet(device: torch.device, *, frozen: bool) -> nn.Module:
+    model = torchvision.models.detection.retinanet_resnet50_fpn(
+        weights=None,
+        weights_backbone=None,
+        num_classes=NUM_CLASSES,  # sigmoid classifier: no background class
+        min_size=HEIGHT,
+        max_size=WIDTH,
+        score_thresh=0.0,
+        nms_thresh=0.5,
+        topk_candidates=1000,
+        detections_per_img=100,
+    )
+    if frozen:
+        _freeze_backbone(model)
+    return model.to(device)
+
+
+def _freeze_backbone(model: nn.Module) -> None:
+    """Frozen BN and a frozen stem + layer1 (instseg's ``frozen_stages=1, norm_eval=True``);
+    torchvision ignores ``trainable_backbone_layers`` without pretrained weights, so by hand."""
+    _freeze_bn(model.backbone.body)
+    for name, p in model.backbone.body.named_parameters():
+        if not name.startswith(("layer2.", "layer3.", "layer4.")):
+            p.requires_grad_(False)
 
 
 def _freeze_bn(module: nn.Module) -> None:
@@ -221,14 +318,10 @@ def bench_train(args: argparse.Namespace, device: torch.device, img: Tensor) -> 
     tv_img = [(img / 255.0).to(device)]
     tv_targets = [{"boxes": boxes.to(device), "labels": (labels + 1).to(device), "masks": masks.to(device)}]
 
-    def sgd(model: nn.Module) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=1e-4)
-
     # channels-last is an opt-in for training (use_channels_last); only the layout changes
     ours = build_instseg("mask_rcnn_r50_fpn_1x_coco", device, score_thr=0.0).train().use_channels_last()
     tv = build_torchvision(device, frozen=args.tv_frozen).train()
-    opt_ours, opt_tv = sgd(ours), sgd(tv)
+    opt_ours, opt_tv = _sgd(ours), _sgd(tv)
 
     def step_ours() -> None:
         opt_ours.zero_grad(set_to_none=True)
@@ -246,7 +339,7 @@ def bench_train(args: argparse.Namespace, device: torch.device, img: Tensor) -> 
         semantic = torch.randint(0, 183, (HEIGHT, WIDTH), generator=torch.Generator().manual_seed(2))
         htc_targets = [ImageTargets(boxes, labels, CroppedMasks.from_full(masks), semantic)]
         htc = build_instseg("htc_r50_fpn_1x_coco", device, score_thr=None).train().use_channels_last()
-        opt_htc = sgd(htc)
+        opt_htc = _sgd(htc)
 
         def step_htc() -> None:
             opt_htc.zero_grad(set_to_none=True)
@@ -256,6 +349,89 @@ def bench_train(args: argparse.Namespace, device: torch.device, img: Tensor) -> 
         fns["instseg_htc"] = step_htc
     times = time_interleaved(fns, warmup=args.warmup, iters=args.iters, device=device)
     return {k: {"ms": _median(v), "all_ms": v} for k, v in times.items()}
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    """lr 0: every iteration sees the same weights (same workload), the optimiser still does its work."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=1e-4)
+
+
+def bench_retinanet_inference(args: argparse.Namespace, device: torch.device, img: Tensor) -> dict[str, dict]:
+    ours = build_instseg_retinanet(device).eval()
+    ours.optimize_for_inference()
+    tv = build_torchvision_retinanet(device, frozen=args.tv_frozen).eval()
+    batch = instseg_batch(img, device)
+    tv_img = [(img / 255.0).to(device)]
+
+    def run_ours() -> object:
+        with torch.no_grad():
+            return ours.predict(batch)
+
+    def run_tv() -> object:
+        with torch.no_grad():
+            return tv(tv_img)
+
+    fns: dict[str, Callable[[], object]] = {"instseg_retinanet": run_ours, "torchvision_retinanet": run_tv}
+    counts = {"instseg_retinanet": len(run_ours()[0]), "torchvision_retinanet": int(run_tv()[0]["boxes"].shape[0])}
+    times = time_interleaved(fns, warmup=args.warmup, iters=args.iters, device=device)
+    return {k: {"ms": _median(v), "all_ms": v, "detections": counts[k]} for k, v in times.items()}
+
+
+def bench_retinanet_train(args: argparse.Namespace, device: torch.device, img: Tensor) -> dict[str, dict]:
+    boxes, labels, _ = make_targets(args.num_gt, seed=1)
+    batch = instseg_batch(img, device)
+    targets = [ImageTargets(boxes, labels)]
+    tv_img = [(img / 255.0).to(device)]
+    tv_targets = [{"boxes": boxes.to(device), "labels": labels.to(device)}]  # classes 0..79, no background
+    ours = build_instseg_retinanet(device).train().use_channels_last()
+    tv = build_torchvision_retinanet(device, frozen=args.tv_frozen).train()
+    opt_ours, opt_tv = _sgd(ours), _sgd(tv)
+
+    def step_ours() -> None:
+        opt_ours.zero_grad(set_to_none=True)
+        ours(batch, targets)["loss"].backward()
+        opt_ours.step()
+
+    def step_tv() -> None:
+        opt_tv.zero_grad(set_to_none=True)
+        losses = tv(tv_img, tv_targets)
+        sum(losses.values()).backward()
+        opt_tv.step()
+
+    fns: dict[str, Callable[[], object]] = {"instseg_retinanet": step_ours, "torchvision_retinanet": step_tv}
+    times = time_interleaved(fns, warmup=args.warmup, iters=args.iters, device=device)
+    return {k: {"ms": _median(v), "all_ms": v} for k, v in times.items()}
+
+
+def bench_yolact_inference(args: argparse.Namespace, device: torch.device, img: Tensor) -> dict[str, dict]:
+    """YOLACT-550 R-50 (preset, score threshold 0) vs instseg's Mask R-CNN R-50 at 800x1216."""
+    yolact = build_instseg(YOLACT_PRESET, device, score_thr=0.0).eval()
+    yolact.optimize_for_inference()
+    mrcnn = build_instseg("mask_rcnn_r50_fpn_1x_coco", device, score_thr=0.0).eval()
+    mrcnn.optimize_for_inference()
+    y_batch = yolact_batch(img, device)
+    m_batch = instseg_batch(img, device)
+
+    def run_yolact() -> object:
+        with torch.no_grad():
+            return yolact.predict(y_batch)
+
+    def run_mrcnn() -> object:
+        with torch.no_grad():
+            return mrcnn.predict(m_batch)
+
+    fns: dict[str, Callable[[], object]] = {"instseg_yolact": run_yolact, "instseg_mask_rcnn": run_mrcnn}
+    counts, mask_shapes = {}, {}
+    for name, fn in fns.items():
+        det = fn()[0]
+        counts[name] = len(det)
+        mask_shapes[name] = list(det.masks.shape) if det.masks is not None else None
+    times = time_interleaved(fns, warmup=args.warmup, iters=args.iters, device=device)
+    return {
+        k: {"ms": _median(v), "all_ms": v, "detections": counts[k], "mask_shape": mask_shapes[k]}
+        for k, v in times.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -271,24 +447,58 @@ def summarise(section: dict[str, dict]) -> dict[str, float]:
     return out
 
 
+def summarise_one_stage(section: dict[str, dict], ours: str, ref: str, key: str) -> dict[str, float]:
+    out = {key: _ratio(section[ours]["ms"], section[ref]["ms"])}
+    if ours == "instseg_yolact":  # the issue states this one as a speed-up
+        out["speedup_yolact_vs_mask_rcnn"] = _ratio(section[ref]["ms"], section[ours]["ms"])
+    return out
+
+
+_MASK_RCNN_ROWS = (
+    ("instseg_mask_rcnn", "instseg Mask R-CNN R50-FPN"),
+    ("torchvision_mask_rcnn", "torchvision Mask R-CNN R50-FPN"),
+    ("instseg_htc", "instseg HTC R50-FPN"),
+)
+_MASK_RCNN_RATIOS = (
+    ("instseg_over_torchvision", "ratio instseg / torchvision", ".3f"),
+    ("htc_over_instseg_mask_rcnn", "ratio HTC / instseg Mask R-CNN", ".3f"),
+)
+_RETINANET_ROWS = (
+    ("instseg_retinanet", "instseg RetinaNet R50-FPN"),
+    ("torchvision_retinanet", "torchvision RetinaNet R50-FPN"),
+)
+_RETINANET_RATIOS = (("instseg_over_torchvision", "ratio instseg / torchvision", ".3f"),)
+# (results key, model rows, ratio rows), in print order
+TABLE = (
+    ("inference", _MASK_RCNN_ROWS, _MASK_RCNN_RATIOS),
+    ("train_step", _MASK_RCNN_ROWS, _MASK_RCNN_RATIOS),
+    ("retinanet_inference", _RETINANET_ROWS, _RETINANET_RATIOS),
+    ("retinanet_train_step", _RETINANET_ROWS, _RETINANET_RATIOS),
+    (
+        "yolact_inference",
+        (("instseg_yolact", "instseg YOLACT-550 R50-FPN"), ("instseg_mask_rcnn", "instseg Mask R-CNN R50-FPN 800x1216")),
+        (
+            ("yolact_over_mask_rcnn", "ratio YOLACT / Mask R-CNN", ".3f"),
+            ("speedup_yolact_vs_mask_rcnn", "speed-up YOLACT vs Mask R-CNN (x)", ".2f"),
+        ),
+    ),
+)
+
+
 def print_table(results: dict) -> None:
     rows = []
-    for kind in ("inference", "train_step"):
+    for kind, models, ratio_rows in TABLE:
         if kind not in results:
             continue
         sec = results[kind]
-        for name, label in (
-            ("instseg_mask_rcnn", "instseg Mask R-CNN R50-FPN"),
-            ("torchvision_mask_rcnn", "torchvision Mask R-CNN R50-FPN"),
-            ("instseg_htc", "instseg HTC R50-FPN"),
-        ):
+        for name, label in models:
             if name in sec:
                 spread = f"{min(sec[name]['all_ms']):.0f}-{max(sec[name]['all_ms']):.0f}"
                 rows.append((kind, label, f"{sec[name]['ms']:.1f}", spread))
         ratios = results[f"{kind}_ratios"]
-        rows.append((kind, "ratio instseg / torchvision", f"{ratios['instseg_over_torchvision']:.3f}", ""))
-        if "htc_over_instseg_mask_rcnn" in ratios:
-            rows.append((kind, "ratio HTC / instseg Mask R-CNN", f"{ratios['htc_over_instseg_mask_rcnn']:.3f}", ""))
+        for key, label, fmt in ratio_rows:
+            if key in ratios:
+                rows.append((kind, label, format(ratios[key], fmt), ""))
     widths = [max(len(r[i]) for r in rows + [("what", "model", "median ms/img", "range ms")]) for i in range(4)]
     header = ("what", "model", "median ms/img", "range ms")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -299,6 +509,11 @@ def print_table(results: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--family", choices=FAMILIES, default="two-stage",
+        help="two-stage: Mask R-CNN / HTC vs torchvision (default); one-stage: RetinaNet vs torchvision and "
+        "YOLACT vs Mask R-CNN; all: both",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (both models)")
     p.add_argument("--iters", type=int, default=5, help="timed rounds per model")
@@ -306,12 +521,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-gt", type=int, default=10, help="synthetic ground-truth instances for training")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-inference", action="store_true")
-    p.add_argument("--skip-htc", action="store_true")
+    p.add_argument("--skip-htc", action="store_true", help="two-stage: leave HTC out")
+    p.add_argument("--skip-retinanet", action="store_true", help="one-stage: leave the RetinaNet comparison out")
+    p.add_argument("--skip-yolact", action="store_true", help="one-stage: leave the YOLACT comparison out")
     p.add_argument(
         "--tv-frozen", action="store_true",
         help="give torchvision frozen BN and a frozen stem+layer1, as instseg's preset trains",
     )
-    p.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/speed_<host>.json)")
+    p.add_argument(
+        "--out", type=Path, default=None,
+        help="JSON file (default benchmarks/results/speed_<host>.json; speed_one_stage_<host>.json for "
+        "--family one-stage, speed_all_<host>.json for all)",
+    )
     return p.parse_args(argv)
 
 
@@ -332,16 +553,36 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup": args.warmup,
         "image": [HEIGHT, WIDTH],
         "tv_frozen": args.tv_frozen,
+        "family": args.family,
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()},
     }
-    if not args.skip_inference:
+    two_stage = args.family in ("two-stage", "all")
+    one_stage = args.family in ("one-stage", "all")
+    if two_stage and not args.skip_inference:
         results["inference"] = bench_inference(args, device, img)
         results["inference_ratios"] = summarise(results["inference"])
-    if not args.skip_train:
+    if two_stage and not args.skip_train:
         results["train_step"] = bench_train(args, device, img)
         results["train_step_ratios"] = summarise(results["train_step"])
+    if one_stage and not args.skip_retinanet:
+        if not args.skip_inference:
+            sec = results["retinanet_inference"] = bench_retinanet_inference(args, device, img)
+            results["retinanet_inference_ratios"] = summarise_one_stage(
+                sec, "instseg_retinanet", "torchvision_retinanet", "instseg_over_torchvision"
+            )
+        if not args.skip_train:
+            sec = results["retinanet_train_step"] = bench_retinanet_train(args, device, img)
+            results["retinanet_train_step_ratios"] = summarise_one_stage(
+                sec, "instseg_retinanet", "torchvision_retinanet", "instseg_over_torchvision"
+            )
+    if one_stage and not args.skip_yolact and not args.skip_inference:
+        sec = results["yolact_inference"] = bench_yolact_inference(args, device, img)
+        results["yolact_inference_ratios"] = summarise_one_stage(
+            sec, "instseg_yolact", "instseg_mask_rcnn", "yolact_over_mask_rcnn"
+        )
     print_table(results)
-    out = args.out or Path(__file__).resolve().parent / "results" / f"speed_{host}.json"
+    suffix = {"two-stage": "", "one-stage": "one_stage_", "all": "all_"}[args.family]
+    out = args.out or Path(__file__).resolve().parent / "results" / f"speed_{suffix}{host}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

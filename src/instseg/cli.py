@@ -1,12 +1,14 @@
 """The ``instseg`` command line: ``train | eval | predict | convert | data | presets``.
 
-Run ``instseg COMMAND -h`` for the options of a command.  Configuration errors, data errors
-and missing files end with exit code 2 and a one-line message (no traceback).
+Run ``instseg COMMAND -h`` for the options of a command.  Configuration errors, data errors,
+checkpoints that do not fit and missing files end with exit code 2 and a one-line message (no
+traceback); ``instseg data check`` ends with exit code 1 when it finds problems in the data.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -25,6 +27,13 @@ _TRAIN_DATA_FLAGS = {
 }
 
 
+TTA_HELP = (
+    "test-time augmentation of two-stage models, merged as mmdetection's aug_test: flip, ms (the COCO 2018 "
+    "slides' five scales), ms-flip, or LONGxSHORT[,LONGxSHORT...][+flip]; '' turns off a preset's "
+    "model.tta (default: the checkpoint's model.tta)"
+)
+
+
 class CliError(Exception):
     """A usage error detected after argument parsing (exit code 2)."""
 
@@ -32,12 +41,20 @@ class CliError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError, CliError, FileNotFoundError, NotADirectoryError]
     from instseg.engine.checkpoint import CheckpointError
+    from instseg.engine.logging import TensorBoardMissing
 
-    errors.append(CheckpointError)
+    errors += [CheckpointError, TensorBoardMissing]
+    try:
+        from instseg.convert.mmdet import ConversionError
+
+        errors.append(ConversionError)
+    except ImportError:  # pragma: no cover - during development
+        pass
     try:
         from instseg.data import DataError
+        from instseg.data.formats import FormatError
 
-        errors.append(DataError)
+        errors += [DataError, FormatError]
     except ImportError:  # pragma: no cover - during development
         pass
     return tuple(errors)
@@ -78,6 +95,23 @@ def resolve_config(name: str, cfg_files: list[str] = (), sets: list[str] = ()) -
 # ---------------------------------------------------------------------------------- commands
 
 
+def _explicit_keys(cfg_files: list[str], sets: list[str]) -> set[str]:
+    """The config keys a user set by hand (``--cfg-file`` YAML keys and ``--set`` keys)."""
+    import yaml
+
+    from instseg.config.load import _flatten as flatten_yaml
+
+    keys = {item.split("=", 1)[0].strip() for item in sets if "=" in item}
+    for f in cfg_files:
+        try:
+            data = yaml.safe_load(Path(f).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict):
+            keys.update(k for k, _ in flatten_yaml(data))
+    return keys
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from instseg.engine.inference import format_metrics
     from instseg.engine.trainer import train
@@ -99,7 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not cfg.data.train_ann:
         raise CliError("no training data: give --train-ann and --train-images (or set data.train_ann / data.train_images)")
     run_dir = Path(cfg.train.output_dir) / (args.name or cfg.name)
-    result = train(cfg, resume=args.resume, run_dir=run_dir)
+    pinned = _explicit_keys(_flatten(args.cfg_file), _flatten(args.set))
+    result = train(cfg, resume=args.resume, run_dir=run_dir, pinned=pinned)
     print(f"\nrun: {result['run_dir']}  ({result['iter']} iterations, {result['stopped']})")
     if result["metrics"]:
         print(format_metrics(result["metrics"]))
@@ -108,10 +143,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_tta(model, dataset, args: argparse.Namespace, cfg: Config):
+    """Wraps the model in test-time augmentation when ``--tta`` (or ``model.tta``) asks for it."""
+    from instseg.engine.tta import wrap_for_tta
+
+    spec = cfg.model.tta if args.tta is None else args.tta
+    if spec and not hasattr(model, "roi_head"):
+        raise CliError(f"--tta {spec!r}: test-time augmentation is built for the two-stage models, not {cfg.model.arch}")
+    try:
+        return wrap_for_tta(model, dataset, spec, cfg.data)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from instseg.data import DataError, build_dataset
     from instseg.engine.checkpoint import load_model_from_checkpoint
-    from instseg.engine.inference import evaluate, format_metrics
+    from instseg.engine.inference import format_metrics, run_evaluation
     from instseg.engine.trainer import resolve_device
 
     if not Path(args.ann).is_file():
@@ -142,6 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"warning: category names differ from the checkpoint's (id, data, checkpoint): {renamed[:5]}", file=sys.stderr)
     device = resolve_device(args.device or cfg.train.device)
     model.to(device).optimize_for_inference()
+    model, dataset = _with_tta(model, dataset, args, cfg)
     ckpt = Path(args.checkpoint).resolve()
     if args.out:
         out_dir = Path(args.out)
@@ -149,9 +198,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out_dir = ckpt.parent.parent / f"eval_{ckpt.stem}"
     else:
         out_dir = Path(f"eval_{ckpt.stem}")
-    metrics = evaluate(model, dataset, cfg, out_dir, cat_ids=ckpt_ids)
-    print(format_metrics(metrics))
-    print(f"results and metrics written to {out_dir}")
+    outcome = run_evaluation(model, dataset, cfg, out_dir, cat_ids=ckpt_ids, confusion_score_thr=args.confusion_score_thr)
+    print(format_metrics(outcome.metrics))
+    for x in outcome.left_out:
+        print(f"left out (unreadable): {x.file_name}: {x.reason}", file=sys.stderr)
+    if cfg.model.arch == "rpn":  # proposal models: recall (AR@100/300/1000, by size), as mmdet's proposal metric
+        print(f"proposals (results.json), recall metrics and summary written to {out_dir}")
+    else:
+        print(f"results, metrics, per-class tables, PR curves and confusion matrices written to {out_dir}")
     return 0
 
 
@@ -161,6 +215,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from instseg.engine.inference import ImageFiles, collect_images, predict_dataset
     from instseg.engine.trainer import resolve_device
     from instseg.evaluation.coco import detections_to_coco, write_results_json
+    from instseg.structures import Detections
     from instseg.visualize import save_overlay
 
     files = collect_images(args.images)
@@ -170,119 +225,248 @@ def cmd_predict(args: argparse.Namespace) -> int:
     device = resolve_device(args.device or cfg.train.device)
     model.to(device).optimize_for_inference()
     dataset = ImageFiles(files, cfg.data)
+    model, dataset = _with_tta(model, dataset, args, cfg)
     loader = build_test_loader(cfg.data, dataset, batch_size=1)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cat_ids = [int(c) for c in classes["cat_ids"]]
     names = list(classes.get("class_names") or [str(c) for c in cat_ids])
     results, images = [], []
+    total = 0
     used_names: dict[str, int] = {}
     for meta, dets in predict_dataset(model, loader, device, progress=True):
         path = Path(meta.file_name)
         h, w = meta.original_size
         images.append({"id": meta.image_id, "file_name": str(path), "height": int(h), "width": int(w)})
-        for r in detections_to_coco(dets, meta.image_id, cat_ids):
+        total += len(dets)
+        keep = dets.scores >= args.score_thr
+        kept = Detections(dets.boxes[keep], dets.scores[keep], dets.labels[keep],
+                          None if dets.masks is None else dets.masks[keep])
+        for r in detections_to_coco(kept, meta.image_id, cat_ids):
             r["file_name"] = str(path)
             results.append(r)
         stem = path.stem
         k = used_names.get(stem, 0)
         used_names[stem] = k + 1
         png = out_dir / (f"{stem}.png" if k == 0 else f"{stem}_{k}.png")
-        save_overlay(png, dataset.load_image(meta.image_id), dets, names, score_thr=args.score_thr)
+        save_overlay(png, dataset.load_image(meta.image_id), dets, names, score_thr=args.score_thr,
+                     show_boxes=args.boxes, show_labels=args.labels)
     write_results_json(results, out_dir / "predictions.json")
     categories = [{"id": c, "name": n} for c, n in zip(cat_ids, names)]
     (out_dir / "images.json").write_text(json.dumps({"images": images, "categories": categories}, indent=1) + "\n")
-    shown = sum(1 for r in results if r["score"] >= args.score_thr)
-    print(f"{len(files)} images, {len(results)} detections ({shown} with score >= {args.score_thr})")
+    print(f"{len(files)} images, {len(results)} detections with score >= {args.score_thr} "
+          f"({total - len(results)} below it left out)")
     print(f"overlays: {out_dir}/*.png\npredictions (COCO results): {out_dir / 'predictions.json'}\nimage list: {out_dir / 'images.json'}")
     return 0
+
+
+_ARCH_NAMES = {"mask_rcnn": "Mask R-CNN", "cascade_mask_rcnn": "Cascade Mask R-CNN", "htc": "HTC",
+               "retinanet": "RetinaNet", "yolact": "YOLACT", "rdsnet": "RDSNet"}
+
+
+def is_test_fixture(name: str, doc: str = "") -> bool:
+    """Presets that exist for the parity tests (the small models of ``../shared/golden``)."""
+    return name.endswith("_shapes") or "shared/golden" in doc
+
+
+def describe_preset(name: str) -> str:
+    """One line: the preset's own docstring (or what it builds), its backbone weights, and a
+    ``[test fixture]`` mark for the parity-test models."""
+    from instseg.config import presets
+
+    fn = getattr(presets, "_PRESETS", {}).get(name)
+    doc = " ".join((getattr(fn, "__doc__", None) or "").split("\n\n")[0].split()).replace("``", "")
+    cfg = presets.get_preset(name)
+    m = cfg.model
+    what = doc or (f"{_ARCH_NAMES.get(m.arch, m.arch)}, {m.backbone}, "
+                   + (f"{cfg.train.max_iters} iterations" if cfg.train.max_iters > 0 else f"{cfg.train.epochs} epochs"))
+    if m.backbone_weights == "imagenet":
+        weights = f"{m.backbone} from the bundled ImageNet weights"
+    elif m.backbone_weights:
+        weights = f"{m.backbone} from {m.backbone_weights}"
+    else:
+        weights = f"{m.backbone} from random init unless model.backbone_weights=FILE"
+    mark = "[test fixture] " if is_test_fixture(name, doc) else ""
+    return f"{mark}{what.rstrip('.')}; backbone: {weights}"
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from instseg.config.presets import list_presets
 
-    for name in list_presets():
-        print(name)
+    names = list_presets()
+    if args.names_only:
+        print("\n".join(names))
+        return 0
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {describe_preset(name)}")
+    print("\nTrain with `instseg train --config NAME`; [test fixture] presets are the small models of the "
+          "mmdetection parity tests, not meant for real training.")
     return 0
 
 
-def cmd_convert(rest: list[str]) -> int:
-    if not rest or rest[0] in ("-h", "--help"):
-        print("usage: instseg convert mmdet CKPT --config PRESET --out FILE")
-        return 0 if rest else 2
-    if rest[0] != "mmdet":
-        raise CliError(f"unknown converter {rest[0]!r}; available: mmdet")
-    from instseg.convert.mmdet import main as convert_main
+CONVERTERS = {
+    "mmdet": "mmdetection v1-v3 checkpoint (.pth) of a Mask R-CNN / Cascade / HTC preset",
+    "yolact": "official YOLACT checkpoint (.pth), e.g. yolact_base_54_800000.pth",
+    "rdsnet": "official RDSNet checkpoint (.pth, mmdetection v1) of a rdsnet_* preset",
+}
 
-    return int(convert_main(rest[1:]) or 0)
+DATA_COMMANDS = {
+    "check": ("instseg.data.tools", "check_main", "validate a COCO data set with the loader's rules; exit 1 on problems"),
+    "browse": ("instseg.data.tools", "browse_main", "draw the annotations (optionally after the training transforms) to PNGs"),
+    "convert": ("instseg.data.tools", "convert_main", "convert YOLO-seg / LabelMe to COCO, or COCO to YOLO-seg"),
+    "synth": ("instseg.data.synthetic", "main", "write the built-in synthetic shapes data set"),
+}
+
+
+def _run_tool(fn, argv: list[str]) -> int:
+    """Runs a sub-tool's ``main(argv)``; argparse's own exits become return codes."""
+    try:
+        return int(fn(argv) or 0)
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+
+
+def _list_usage(title: str, usage: str, entries: dict[str, str]) -> str:
+    width = max(len(k) for k in entries)
+    lines = [f"usage: {usage}", "", title]
+    lines += [f"  {k:<{width}}  {v}" for k, v in entries.items()]
+    return "\n".join(lines)
+
+
+def cmd_convert(rest: list[str]) -> int:
+    usage = _list_usage(
+        "converters (instseg convert NAME -h for the options of one):",
+        "instseg convert {" + ",".join(CONVERTERS) + "} CHECKPOINT --config PRESET --out FILE [...]",
+        CONVERTERS,
+    ) + "\n\nPRESET is an instseg preset name (`instseg presets` lists them), not an mmdetection config file."
+    if not rest or rest[0] in ("-h", "--help"):
+        print(usage, file=sys.stdout if rest else sys.stderr)
+        return 0 if rest else 2
+    name = rest[0]
+    if name not in CONVERTERS:
+        raise CliError(f"unknown converter {name!r}; available: {', '.join(CONVERTERS)}")
+    try:
+        module = importlib.import_module(f"instseg.convert.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"instseg.convert.{name}":
+            raise
+        raise CliError(f"converter {name!r} is not part of this installation (no module instseg.convert.{name})") from None
+    return _run_tool(module.main, rest[1:])
 
 
 def cmd_data(rest: list[str]) -> int:
+    usage = _list_usage(
+        "commands (instseg data COMMAND -h for the options of one):",
+        "instseg data {" + ",".join(DATA_COMMANDS) + "} ...",
+        {k: v[2] for k, v in DATA_COMMANDS.items()},
+    )
     if not rest or rest[0] in ("-h", "--help"):
-        print("usage: instseg data synth --out DIR [...]")
+        print(usage, file=sys.stdout if rest else sys.stderr)
         return 0 if rest else 2
-    if rest[0] != "synth":
-        raise CliError(f"unknown data command {rest[0]!r}; available: synth")
-    from instseg.data.synthetic import main as synth_main
-
-    return int(synth_main(rest[1:]) or 0)
+    if rest[0] not in DATA_COMMANDS:
+        raise CliError(f"unknown data command {rest[0]!r}; available: {', '.join(DATA_COMMANDS)}")
+    module_name, fn_name, _ = DATA_COMMANDS[rest[0]]
+    module = importlib.import_module(module_name)
+    return _run_tool(getattr(module, fn_name), rest[1:])
 
 
 # ---------------------------------------------------------------------------------- parser
 
 
-def _add_set(p: argparse.ArgumentParser) -> None:
+def _add_set(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument(
         "--set", action="append", nargs="+", metavar="KEY=VALUE", default=[],
-        help="override a config field, e.g. --set train.lr=0.01 model.score_thr=0.3 (repeatable)",
+        help=f"override a config field, e.g. --set {example} (repeatable; quote values with brackets "
+             "or write them without: data.scale=800,600)",
     )
+
+
+_CHECKPOINT_HELP = "instseg checkpoint (.pt): RUN/checkpoints/{last,best}.pt, or one written by `instseg convert`"
+
+_TRAIN_DESCRIPTION = """Train a preset (or a config YAML) on any COCO-format data set.
+
+Output goes to <train.output_dir>/NAME (default runs/<config name>): config.yaml, metrics.jsonl and
+metrics.csv, checkpoints/{last,best}.pt, eval/ (COCO results, per-class tables, PR curves,
+confusion matrices) and plots/.  If that folder already holds a run and --resume is not given, the
+new run goes to NAME_1 (NAME_2, ...) and says so: an earlier run is never overwritten.
+Useful options: train.patience=N (early stopping), train.ema=true (EMA weights),
+train.tensorboard=true (needs the tensorboard extra), train.skip_nonfinite=true."""
+
+_EVAL_DESCRIPTION = """COCO-evaluate a checkpoint (bbox, and segm for mask models) on COCO-format data.
+
+Writes to --out: results.json, metrics.json, summary.txt (COCO's summary and a per-class table),
+per_class_{bbox,segm}.csv, pr_{bbox,segm}.png (precision-recall curves) and
+confusion_{bbox,segm}.{csv,png} (confusion matrix at IoU 0.5 with a background row and column).
+An image that cannot be read is left out with a warning and listed in metrics.json."""
+
+_PREDICT_DESCRIPTION = """Run a checkpoint on image files or folders.
+
+Writes to --out: one overlay PNG per image (masks coloured by class), predictions.json (COCO
+results of the detections with score >= --score-thr, each with its file_name) and images.json
+(the image list and categories)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instseg", description="Instance segmentation: train, evaluate, predict.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    fmt = argparse.RawDescriptionHelpFormatter
 
-    t = sub.add_parser("train", help="train a model on COCO-format data",
-                       description="Train a preset (or a config YAML) on any COCO-format data set.")
+    t = sub.add_parser("train", help="train a model on COCO-format data", description=_TRAIN_DESCRIPTION,
+                       formatter_class=fmt)
     t.add_argument("--config", required=True, help="preset name (see `instseg presets`) or a config YAML file")
     t.add_argument("--cfg-file", action="append", nargs="+", default=[], metavar="YAML", help="YAML override file(s)")
-    _add_set(t)
+    _add_set(t, "train.lr=0.01 train.patience=3")
     t.add_argument("--resume", action="store_true", help="continue runs/NAME from checkpoints/last.pt")
     t.add_argument("--name", help="run name: output goes to <train.output_dir>/NAME (default: the config name)")
-    t.add_argument("--train-ann", help="COCO instances JSON of the training set (data.train_ann)")
-    t.add_argument("--train-images", help="folder of the training images (data.train_images)")
-    t.add_argument("--val-ann", help="COCO instances JSON of the validation set (data.val_ann)")
-    t.add_argument("--val-images", help="folder of the validation images (data.val_images)")
-    t.add_argument("--stuff-dir", dest="train_stuff", help="COCO-Stuff-style PNG maps of the training images (data.train_stuff)")
-    t.add_argument("--val-stuff-dir", dest="val_stuff", help="stuff maps of the validation images (data.val_stuff)")
+    t.add_argument("--train-ann", metavar="JSON", help="COCO instances JSON of the training set (data.train_ann)")
+    t.add_argument("--train-images", metavar="DIR", help="folder of the training images (data.train_images)")
+    t.add_argument("--val-ann", metavar="JSON", help="COCO instances JSON of the validation set (data.val_ann)")
+    t.add_argument("--val-images", metavar="DIR", help="folder of the validation images (data.val_images)")
+    t.add_argument("--stuff-dir", dest="train_stuff", metavar="DIR",
+                   help="COCO-Stuff-style PNG maps of the training images (data.train_stuff)")
+    t.add_argument("--val-stuff-dir", dest="val_stuff", metavar="DIR", help="stuff maps of the validation images (data.val_stuff)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="COCO-evaluate a checkpoint on COCO-format data")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--ann", required=True, help="COCO instances JSON")
-    e.add_argument("--images", required=True, help="folder of the images")
-    e.add_argument("--max-dets", type=int, help="COCOeval maxDets (default: the checkpoint's data.max_dets)")
-    e.add_argument("--stuff-dir", help="stuff maps folder (not needed for instance evaluation)")
-    e.add_argument("--out", help="folder for results.json / metrics.json (default: RUN/eval_<checkpoint stem>)")
+    e = sub.add_parser("eval", help="COCO-evaluate a checkpoint on COCO-format data", description=_EVAL_DESCRIPTION,
+                       formatter_class=fmt)
+    e.add_argument("--checkpoint", required=True, metavar="PT", help=_CHECKPOINT_HELP)
+    e.add_argument("--ann", required=True, metavar="JSON", help="COCO instances JSON")
+    e.add_argument("--images", required=True, metavar="DIR", help="folder of the images")
+    e.add_argument("--max-dets", type=int, metavar="N", help="COCOeval maxDets (default: the checkpoint's data.max_dets)")
+    e.add_argument("--stuff-dir", metavar="DIR", help="stuff maps folder (not needed for instance evaluation)")
+    e.add_argument("--out", metavar="DIR", help="output folder (default: RUN/eval_<checkpoint stem>)")
+    e.add_argument("--confusion-score-thr", type=float, default=0.3, metavar="S",
+                   help="detections scoring below S are left out of the confusion matrix (default 0.3)")
     e.add_argument("--device", help="cpu | cuda | auto (default: the checkpoint's train.device)")
-    _add_set(e)
+    e.add_argument("--tta", default=None, metavar="SPEC", help=TTA_HELP)
+    _add_set(e, "model.score_thr=0.01 model.mask_merge=last")
     e.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="run a checkpoint on image files or folders")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--images", required=True, nargs="+", help="image files and/or folders")
-    p.add_argument("--out", required=True, help="output folder (overlays, predictions.json)")
-    p.add_argument("--score-thr", type=float, default=0.3, help="score threshold of the overlays")
+    p = sub.add_parser("predict", help="run a checkpoint on image files or folders", description=_PREDICT_DESCRIPTION,
+                       formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, metavar="PT", help=_CHECKPOINT_HELP)
+    p.add_argument("--images", required=True, nargs="+", metavar="PATH", help="image files and/or folders")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (overlays, predictions.json, images.json)")
+    p.add_argument("--score-thr", type=float, default=0.3, metavar="S",
+                   help="keep detections with score >= S, in predictions.json and in the overlays (default 0.3)")
+    p.add_argument("--boxes", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw boxes (default: only while an image shows at most 40 detections)")
+    p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw 'class score' labels (default: only while an image shows at most 40 detections)")
     p.add_argument("--device", help="cpu | cuda | auto (default: the checkpoint's train.device)")
-    _add_set(p)
+    p.add_argument("--tta", default=None, metavar="SPEC", help=TTA_HELP)
+    _add_set(p, "model.score_thr=0.05 model.max_per_img=300")
     p.set_defaults(func=cmd_predict)
 
-    c = sub.add_parser("convert", help="convert checkpoints (instseg convert mmdet -h)", add_help=False)
+    c = sub.add_parser("convert", help="convert foreign checkpoints (instseg convert -h)", add_help=False)
     c.set_defaults(func=None, passthrough=cmd_convert)
-    d = sub.add_parser("data", help="data tools (instseg data synth -h)", add_help=False)
+    d = sub.add_parser("data", help="data tools: check, browse, convert, synth (instseg data -h)", add_help=False)
     d.set_defaults(func=None, passthrough=cmd_data)
-    s = sub.add_parser("presets", help="list the config presets")
+    s = sub.add_parser("presets", help="list the config presets with a description of each",
+                       description="List the config presets: name, what it builds, where its backbone weights come from.")
+    s.add_argument("--names-only", action="store_true", help="print only the names")
     s.set_defaults(func=cmd_presets)
     return parser
 

@@ -3,7 +3,8 @@
     python -m instseg.demo [--set train.max_iters=50 ...] [--data-dir demo_data/synth] [--runs-dir runs]
 
 1. writes the built-in synthetic shapes data set to ``demo_data/synth`` (unless it is there);
-2. trains the preset ``DEMO_PRESET`` on its train split into ``runs/demo``;
+2. trains the preset ``DEMO_PRESET`` on its train split into ``runs/demo`` (``runs/demo_1``, ... when
+   an earlier demo run is there);
 3. evaluates on the val split with the official COCO metrics (bbox and segm AP);
 4. draws the predictions on the val images into ``runs/demo/overlays/``.
 
@@ -88,6 +89,7 @@ def run_demo(
     run_dir = runs_dir / RUN_NAME
     print(f"[2/4] training preset {preset} on {cfg.data.train_ann} -> {run_dir}", flush=True)
     result = train(cfg, run_dir=run_dir)
+    run_dir = Path(result["run_dir"])  # runs/demo_1, ... when runs/demo holds an earlier demo
 
     print("[3/4] COCO evaluation on the val split", flush=True)
     metrics = result["metrics"]

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from instseg.structures.instances import Detections
 
-__all__ = ["draw_detections", "instance_color", "plot_metrics", "save_overlay"]
+__all__ = ["class_color", "draw_detections", "instance_color", "plot_metrics", "save_overlay"]
 
 
 def instance_color(i: int) -> tuple[int, int, int]:
@@ -29,6 +29,18 @@ def instance_color(i: int) -> tuple[int, int, int]:
     val = 1.0 if (i // 2) % 2 == 0 else 0.85
     r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
     return int(r * 255), int(g * 255), int(b * 255)
+
+
+_SHADES = (0.0, 0.35, -0.35, 0.6, -0.55)
+
+
+def class_color(label: int, k: int = 0) -> tuple[int, int, int]:
+    """The color of class ``label`` (``instance_color(label)``); ``k`` > 0 gives the k-th instance of
+    that class a lighter or darker shade of it, so neighbouring instances of one class stay apart."""
+    base = instance_color(int(label))
+    t = _SHADES[k % len(_SHADES)]
+    target = 255.0 if t > 0 else 0.0
+    return tuple(int(round(c * (1 - abs(t)) + target * abs(t))) for c in base)  # type: ignore[return-value]
 
 
 CROWDED = 40  # above this many shown detections, boxes and labels are left out by default
@@ -43,6 +55,8 @@ def draw_detections(
     alpha: float = 0.5,
     show_boxes: bool | None = None,
     show_labels: bool | None = None,
+    show_scores: bool = True,
+    color_by: str = "class",
 ) -> Image.Image:
     """Draws detections (translucent masks, box outlines, ``'name 0.87'`` labels) on an image.
 
@@ -53,12 +67,16 @@ def draw_detections(
         score_thr: detections scoring below this are not drawn.
         alpha: mask opacity.
         show_boxes, show_labels: draw boxes / labels; ``None`` (default) draws them only while
-            at most ``CROWDED`` detections are shown, so hundreds of nuclei stay readable.
+            at most ``CROWDED`` detections are shown, so hundreds of nuclei stay readable
+            (``instseg predict --boxes --labels`` forces them on).
+        show_scores: labels read ``'name 0.87'`` (else just ``'name'``, e.g. for ground truth).
+        color_by: ``'class'`` (default): each class has its color (:func:`class_color`), its
+            instances shades of it by score rank; ``'instance'``: every instance its own color
+            by score rank (:func:`instance_color`).
 
     Returns:
-        A new RGB ``PIL.Image``; the input is not modified. Each kept instance gets its own color
-        (by rank of score, so the same detections always get the same colors); higher scores
-        are drawn on top.
+        A new RGB ``PIL.Image``; the input is not modified. The same detections always get the
+        same colors; higher scores are drawn on top.
     """
     img = _as_rgb_uint8(image)
     h, w = img.shape[:2]
@@ -70,7 +88,18 @@ def draw_detections(
     show_labels = not crowded if show_labels is None else show_labels
     if dets.masks is not None and len(dets) and tuple(dets.masks.shape[-2:]) != (h, w):
         raise ValueError(f"masks are {tuple(dets.masks.shape[-2:])} but the image is {(h, w)}")
-    colors = {i: instance_color(rank) for rank, i in enumerate(keep)}
+    if color_by not in ("class", "instance"):
+        raise ValueError(f"color_by must be 'class' or 'instance', got {color_by!r}")
+    all_labels = dets.labels.detach().cpu().tolist()
+    if color_by == "instance":
+        colors = {i: instance_color(rank) for rank, i in enumerate(keep)}
+    else:
+        seen: dict[int, int] = {}
+        colors = {}
+        for i in keep:
+            lab = int(all_labels[i])
+            colors[i] = class_color(lab, seen.get(lab, 0))
+            seen[lab] = seen.get(lab, 0) + 1
     order = keep[::-1]  # lowest score first, so the best ends up on top
 
     out = img.astype(np.float32)
@@ -95,7 +124,7 @@ def draw_detections(
             x1, y1, _, _ = boxes[i]
             label = int(labels[i])
             name = class_names[label] if 0 <= label < len(class_names) else str(label)
-            text = f"{name} {float(scores[i]):.2f}"
+            text = f"{name} {float(scores[i]):.2f}" if show_scores else name
             l, t, r, b = draw.textbbox((0, 0), text, font=font)
             tw, th = r - l + 4, b - t + 2
             tx = min(max(0.0, x1), max(0.0, w - tw))

@@ -23,7 +23,9 @@ def test_convert_then_predict_matches_mmdet(name, tmp_path):
     assert main(["convert", "mmdet", str(GOLDEN / ckpt), "--config", preset, "--out", str(converted)]) == 0
     out = tmp_path / "pred"
     files = [str(GOLDEN / f"{image}.jpg") for image in IMAGES]
-    assert main(["predict", "--checkpoint", str(converted), "--images", *files, "--out", str(out), "--device", "cpu"]) == 0
+    # --score-thr 0: predictions.json keeps only detections at or above the threshold; compare them all
+    assert main(["predict", "--checkpoint", str(converted), "--images", *files, "--out", str(out), "--device", "cpu",
+                 "--score-thr", "0"]) == 0
     results = json.loads((out / "predictions.json").read_text())
     images = {img["id"]: img["file_name"] for img in json.loads((out / "images.json").read_text())["images"]}
     for image_id, file_name in images.items():

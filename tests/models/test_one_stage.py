@@ -20,7 +20,7 @@ from instseg.modeling.dense_heads.yolact import crop_masks
 from instseg.modeling.zoo import _yolact_cells, build_model
 from instseg.ops.anchors import AnchorGenerator, YolactPriorGenerator
 from instseg.ops.assigner import ForcedMatchAssigner, _less_greedy_pairs
-from instseg.structures import CroppedMasks, ImageBatch, ImageTargets
+from instseg.structures import CroppedMasks, ImageTargets
 
 from .tiny import tiny_batch
 

@@ -122,3 +122,17 @@ def test_parse_tta():
     assert parse_tta("1333x800,1600x1000+flip", data).scales == ((1333, 800), (1600, 1000))
     with pytest.raises(ValueError, match="--tta"):
         parse_tta("big", data)
+
+
+def test_tta_model_reads_raw_padded_batches(model):
+    """``TTAModel.predict`` (what ``instseg eval/predict --tta`` run) on a zero-padded batch of raw
+    images equals the engine on the un-padded sample."""
+    from instseg.engine.tta import TTAModel
+
+    image = _image(4, 90, 120)
+    settings = TTASettings(scales=((160, 120),), flip=True)
+    batch, _, _ = collate([_sample(image)], size_divisor=32)
+    assert batch.images.shape[-2:] == (96, 128)
+    a = TTAModel(model, settings).predict(batch)[0]
+    b = TestTimeAugmentation(model, settings).predict([_sample(image)])[0]
+    _same(a, b, atol=0)

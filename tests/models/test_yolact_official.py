@@ -176,27 +176,23 @@ VARIANTS = {"fast": ("fast", 100), "cc": ("fast_cross_class", 200), "trad": ("ha
 
 
 def _rebuilt_detect(rec: dict, logic, variant: str):
+    """Detect on the README's rebuilt exact input (softmax rows of the kept anchors, background
+    elsewhere), through the same candidate / selection code ``predict`` uses."""
     method, max_num = VARIANTS[variant]
+    saved = (logic.test.nms, logic.test.max_per_img)
     logic.test.nms, logic.test.max_per_img = method, max_num
-    n = rec["head_loc"].shape[1]
-    probs = torch.zeros(n, 81)
-    probs[:, 0] = 1
-    probs[rec["kept_anchor_idx"]] = torch.softmax(rec["kept_conf_logits"], -1)
-    coeffs = torch.zeros(n, 32)
-    coeffs[rec["kept_anchor_idx"]] = rec["kept_mask_coeffs"]
-    if variant == "cc":
-        # cross-class: one candidate per anchor, its best class
-        fg = probs[:, 1:]
-        best, cls = fg.max(1)
-        kept = torch.nonzero(best > logic.test.score_thr).flatten()
-        from instseg.modeling.dense_heads.yolact import Candidates
-
-        rel = logic.ssd.decode(rec["priors"][kept], rec["head_loc"][0][kept])
-        cand = Candidates(rel, rel, kept, cls[kept], best[kept], None)
-    else:
+    try:
+        n = rec["head_loc"].shape[1]
+        probs = torch.zeros(n, 81)
+        probs[:, 0] = 1
+        probs[rec["kept_anchor_idx"]] = torch.softmax(rec["kept_conf_logits"], -1)
+        coeffs = torch.zeros(n, 32)
+        coeffs[rec["kept_anchor_idx"]] = rec["kept_mask_coeffs"]
         cand = logic.official_candidates(probs, rec["head_loc"][0], rec["priors"])
-    keep, scores = logic.select(cand)
-    return cand, keep, scores, coeffs
+        sel = logic.select(cand)
+    finally:
+        logic.test.nms, logic.test.max_per_img = saved
+    return cand, sel, coeffs
 
 
 @requires_official
@@ -207,19 +203,16 @@ def test_detect_and_postprocess_on_rebuilt_input(models, model, image, variant):
     if "priors" not in rec:
         rec["priors"] = _record("yolact_base", "000040")["priors"]
     logic = models[model].logic
-    saved = (logic.test.nms, logic.test.max_per_img)
-    try:
-        cand, keep, scores, coeffs = _rebuilt_detect(rec, logic, variant)
-    finally:
-        logic.test.nms, logic.test.max_per_img = saved
-    assert keep.numel() == rec[f"det_{variant}_num"]
-    assert torch.equal(cand.labels[keep], rec[f"det_{variant}_classes"])
+    cand, sel, coeffs = _rebuilt_detect(rec, logic, variant)
+    scores = sel.scores
+    assert sel.rows.numel() == rec[f"det_{variant}_num"]
+    assert torch.equal(sel.labels, rec[f"det_{variant}_classes"])
     # softmax differs by 1 ulp between CPU kernels (AVX2 here vs the reference machine's); all
     # discrete results (which candidates, classes, coefficients, order) must still be identical
     torch.testing.assert_close(scores, rec[f"det_{variant}_scores"], atol=3e-7, rtol=0)
-    assert torch.equal(coeffs[cand.rows[keep]], rec[f"det_{variant}_coeffs"])
+    assert torch.equal(coeffs[cand.anchors[sel.rows]], rec[f"det_{variant}_coeffs"])
     tol = 0 if variant != "trad" else 1e-7  # trad's boxes were multiplied by 550 and divided again
-    torch.testing.assert_close(cand.rel_boxes[keep], rec[f"det_{variant}_boxes"], atol=tol, rtol=0)
+    torch.testing.assert_close(cand.rel_boxes[sel.rows], rec[f"det_{variant}_boxes"], atol=tol, rtol=0)
 
     # postprocess: integer boxes, cropped mask probabilities, binarised full-resolution masks
     h, w = rec["orig_hw"]

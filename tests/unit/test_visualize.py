@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from instseg.structures import Detections
-from instseg.visualize import draw_detections, instance_color, plot_metrics, save_overlay
+from instseg.visualize import class_color, draw_detections, plot_metrics, save_overlay
 
 # pycocotools' mask.decode warns under numpy 2 on every call (its own code, harmless)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -49,8 +49,8 @@ def test_overlay_changes_mask_pixels_only():
     far = np.ones_like(diff)
     far[30:110, 40:200] = False
     assert not diff[far].any()
-    # the tint is the instance's color blended at alpha 0.5 (away from the outline)
-    color = np.array(instance_color(0))
+    # the tint is the color of the detection's class (label 1) blended at alpha 0.5 (away from the outline)
+    color = np.array(class_color(1))
     expected = img[80, 80] * 0.5 + color * 0.5
     assert np.abs(out[80, 80].astype(float) - expected).max() <= 1.0
 

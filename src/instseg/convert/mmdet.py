@@ -96,6 +96,16 @@ def convert_checkpoint(src: str | Path, cfg: Config, cat_ids: list[int] | None =
     return package_checkpoint(converted, cfg, ids, names, source)
 
 
+def write_checkpoint(ckpt: dict, path: str | Path) -> Path:
+    """Saves a converted checkpoint atomically (temporary file, then rename); returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(out)
+    return out
+
+
 def check_against_model(converted: dict[str, Tensor], cfg: Config, src: str | Path) -> None:
     """Raises :class:`ConversionError` naming every key that is missing, unexpected or of the
     wrong shape for a model built from ``cfg``."""
@@ -139,22 +149,67 @@ def package_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="instseg convert mmdet", description=__doc__.split("\n\n")[0])
+    """``instseg convert mmdet CHECKPOINT --config PRESET --out FILE``.
+
+    Every problem a user can cause (unknown preset, an mmdetection ``.py`` config without a preset of
+    the same name, a missing or unreadable checkpoint, weights that do not fit the preset) is a
+    :class:`ConversionError` with a one-line message; the CLI prints it and exits with code 2.
+    """
+    import pickle
+    import zipfile
+
+    parser = argparse.ArgumentParser(
+        prog="instseg convert mmdet",
+        description=__doc__.split("\n\n")[0],
+        epilog="PRESET is an instseg preset name (`instseg presets` lists them). An mmdetection config "
+        "file (e.g. configs/htc/htc_r50_fpn_1x_coco.py) is accepted when a preset of the same name exists.",
+    )
     parser.add_argument("checkpoint", help="mmdetection .pth file")
-    parser.add_argument("--config", required=True, help="instseg preset the weights belong to")
+    parser.add_argument("--config", required=True, metavar="PRESET", help="instseg preset the weights belong to")
     parser.add_argument("--out", required=True, help="output instseg checkpoint (.pt)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument(
         "--cat-ids", default="", help="comma-separated COCO category ids of the classes (default 1..N)"
     )
     args = parser.parse_args(argv)
-    cfg = apply_overrides(get_preset(args.config), assignments=args.set)
-    cat_ids = [int(x) for x in args.cat_ids.split(",") if x.strip()] or None
-    ckpt = convert_checkpoint(args.checkpoint, cfg, cat_ids)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(out)
+    name = args.config
+    if name.endswith(".py"):  # an mmdetection config file: its stem is the preset name, if we have it
+        stem = Path(name).stem
+        try:
+            get_preset(stem)
+        except KeyError:
+            raise ConversionError(
+                f"--config {name}: expected an instseg preset name, not an mmdetection config file, and "
+                f"there is no preset named {stem!r}; run `instseg presets` to list them"
+            ) from None
+        print(f"note: --config {name} is an mmdetection config file; using the instseg preset {stem}")
+        name = stem
+    try:
+        cfg = get_preset(name)
+    except KeyError:
+        raise ConversionError(
+            f"--config {name!r} is not a preset; expected an instseg preset name such as "
+            "htc_r50_fpn_1x_coco (run `instseg presets` to list them)"
+        ) from None
+    cfg = apply_overrides(cfg, assignments=args.set)
+    src = Path(args.checkpoint)
+    if not src.is_file():
+        raise ConversionError(f"checkpoint not found: {src}")
+    with open(src, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip (torch >= 1.6) or legacy pickle
+        raise ConversionError(f"{src} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    try:
+        cat_ids = [int(x) for x in args.cat_ids.split(",") if x.strip()] or None
+    except ValueError:
+        raise ConversionError(f"--cat-ids {args.cat_ids!r}: expected comma-separated integers") from None
+    try:
+        ckpt = convert_checkpoint(src, cfg, cat_ids)
+    except ConversionError:
+        raise
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, UnicodeDecodeError,
+            ModuleNotFoundError, ValueError) as e:
+        raise ConversionError(f"cannot read {src} as an mmdetection checkpoint ({type(e).__name__}: {e})") from e
+    out = write_checkpoint(ckpt, args.out)
     print(f"wrote {out} ({len(ckpt['model'])} tensors, preset {cfg.name}, classes {ckpt['classes']['class_names']})")
     return 0

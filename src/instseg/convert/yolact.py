@@ -32,7 +32,7 @@ from torch import Tensor
 from instseg.config.load import apply_overrides
 from instseg.config.presets import get_preset
 from instseg.config.schema import Config
-from instseg.convert.mmdet import ConversionError, check_against_model, package_checkpoint
+from instseg.convert.mmdet import ConversionError, check_against_model, package_checkpoint, write_checkpoint
 
 # COCO's 80 category ids in the order of the official COCO_CLASSES
 COCO_CATEGORY_IDS = [
@@ -138,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = apply_overrides(cfg, assignments=args.set)
     cat_ids = [int(x) for x in args.cat_ids.split(",") if x.strip()] or None
     ckpt = convert_checkpoint(args.checkpoint, cfg, cat_ids)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(out)
+    out = write_checkpoint(ckpt, args.out)
     print(f"wrote {out} ({len(ckpt['model'])} tensors, preset {cfg.name})")
     return 0
 

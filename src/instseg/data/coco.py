@@ -10,18 +10,22 @@ What a ``CocoDataset`` item holds (see ``Sample``):
 - ``meta``: ids, file name and the sizes / scale factors the transforms update.
 
 Crowd annotations (``iscrowd=1``, or ``ignore=1``) are not training targets; COCOeval reads them from
-the ground-truth file.  COCO category ids are mapped to labels ``0..C-1`` in sorted id order
+``dataset.coco``.  Their boxes come as ``targets.crowd_boxes`` (``(K, 4)``, empty when none), which
+the transforms move like the boxes (YOLACT neutralises anchors that overlap them).  COCO category ids are mapped to labels ``0..C-1`` in sorted id order
 (``cat_ids[label]`` is the id, ``label_of(id)`` the label).
 
 Bad-input policy:
 
 - the JSON structure itself (not JSON, missing ``images`` / ``annotations`` / ``categories``, an
   image without ``id`` / ``file_name`` / ``width`` / ``height``, an annotation without ``id`` /
-  ``image_id`` / ``category_id`` / ``bbox``): ``DataError`` at construction;
+  ``image_id`` / ``category_id`` / ``bbox``, two images or two annotations sharing an ``id``):
+  ``DataError`` at construction;
 - one instance (unknown category, polygon with fewer than 3 points, zero-area or out-of-image box,
-  RLE whose size disagrees with the image): checked at construction; ``strict=True`` raises
-  ``DataError``, otherwise the instance is skipped with one ``DataWarning`` naming the file, the
-  annotation id and the reason;
+  RLE whose size disagrees with the image; a crowd region whose box or segmentation cannot be
+  read): checked at construction; ``strict=True`` raises ``DataError``, otherwise the instance is
+  skipped with one ``DataWarning`` naming the file, the annotation id and the reason.  ``coco``
+  (the ground truth for COCOeval) holds only the annotations kept, so evaluation sees the same
+  cleaned ground truth as training;
 - one image (missing or corrupt file, size differing from the JSON, bad stuff map): ``DataError``
   from ``__getitem__``.  Wrap the dataset in ``SkipBadSamples`` to warn and move on to the next good
   image instead (what ``build_train_loader`` does unless ``data.strict``).
@@ -169,17 +173,12 @@ class CocoDataset(torch.utils.data.Dataset):
             num_semantic_classes = len(self.cat_ids) + 1
         self.num_semantic_classes = num_semantic_classes
 
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            coco = COCO()
-            coco.dataset = data
-            coco.createIndex()
-        self.coco = coco
-
         self._images: dict[int, dict] = {int(im["id"]): im for im in data["images"]}
         self._anns: dict[int, list[dict]] = {i: [] for i in self._images}  # valid, non-crowd
         self._crowd: dict[int, list[dict]] = {i: [] for i in self._images}
         for ann in data["annotations"]:
             self._add_annotation(ann)
+        self.coco = self._evaluation_ground_truth(data)
         ids = [int(im["id"]) for im in data["images"]]
         if filter_empty:
             ids = [i for i in ids if self._anns[i]]
@@ -221,6 +220,7 @@ class CocoDataset(torch.utils.data.Dataset):
         for k, c in enumerate(data["categories"]):
             if not isinstance(c, dict) or "id" not in c:
                 raise DataError(f"{f}: categories[{k}] has no field 'id'")
+        ann_index: dict[Any, int] = {}
         for k, ann in enumerate(data["annotations"]):
             for key in ("id", "image_id", "category_id", "bbox"):
                 if not isinstance(ann, dict) or key not in ann:
@@ -230,6 +230,10 @@ class CocoDataset(torch.utils.data.Dataset):
             if self.with_masks and not ann.get("iscrowd", 0) and "segmentation" not in ann:
                 raise DataError(f"{f}: annotation id {ann['id']} has no field 'segmentation'; expected "
                                 "polygons or RLE (or use with_masks=False)")
+            first = ann_index.setdefault(ann["id"], k)
+            if first != k:  # pycocotools indexes annotations by id: it would keep only one of them
+                raise DataError(f"{f}: annotations[{k}] field 'id' = {ann['id']} is duplicated (also "
+                                f"annotations[{first}]); expected unique annotation ids")
 
     def _bad(self, ann: dict, field_: str, reason: str) -> None:
         msg = f"{self.ann_file}: annotation id {ann.get('id')} (image {ann.get('image_id')}) field '{field_}': {reason}"
@@ -241,10 +245,19 @@ class CocoDataset(torch.utils.data.Dataset):
         img = self._images.get(ann["image_id"])
         if img is None:
             return self._bad(ann, "image_id", f"{ann['image_id']!r} is not an id in 'images'")
+        h, w = int(img["height"]), int(img["width"])
         if ann.get("iscrowd", 0) or ann.get("ignore", 0):
+            bbox = ann["bbox"]
+            if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+                return self._bad(ann, "bbox", f"{bbox!r}; expected [x, y, w, h] numbers (crowd region)")
+            if "segmentation" in ann:
+                reason = _check_segmentation(ann["segmentation"], h, w)
+            else:
+                reason = "missing; expected polygons or RLE" if self.with_masks else None
+            if reason:
+                return self._bad(ann, "segmentation", reason + " (crowd region)")
             self._crowd[int(img["id"])].append(ann)
             return None
-        h, w = int(img["height"]), int(img["width"])
         if ann["category_id"] not in self._label_of:
             return self._bad(ann, "category_id", f"{ann['category_id']!r} is not in 'categories' "
                              f"(expected one of {self.cat_ids[:10]}{'...' if len(self.cat_ids) > 10 else ''})")
@@ -263,6 +276,60 @@ class CocoDataset(torch.utils.data.Dataset):
                 return self._bad(ann, "segmentation", reason)
         self._anns[int(img["id"])].append(ann)
         return None
+
+    def _evaluation_ground_truth(self, data: dict) -> COCO:
+        """The ground truth COCOeval sees: exactly the annotations this loader kept.
+
+        Instances the loader skipped (bad polygon, unknown category, ...) would otherwise crash
+        pycocotools or count as misses; ``area`` and ``iscrowd``, which COCOeval reads but the
+        loader does not need, are filled in (mask area, else box area; 0) where missing.
+        """
+        kept = {id(a) for lists in (self._anns, self._crowd) for anns in lists.values() for a in anns}
+        anns = []
+        for ann in data["annotations"]:
+            if id(ann) not in kept:
+                continue
+            if "area" not in ann or "iscrowd" not in ann:
+                ann = dict(ann)
+                ann.setdefault("iscrowd", 0)
+                if "area" not in ann:
+                    img = self._images[ann["image_id"]]
+                    if self.with_masks and ann.get("segmentation") is not None:
+                        rle = segmentation_to_rle(ann["segmentation"], int(img["height"]), int(img["width"]))
+                        ann["area"] = float(mask_utils.area(rle))
+                    else:
+                        ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+            anns.append(ann)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco = COCO()
+            coco.dataset = {**data, "annotations": anns}
+            coco.createIndex()
+        return coco
+
+    def check_stuff_maps(self, *, progress: bool = False) -> int:
+        """Reads every image's stuff map once (before training): a missing, unreadable or wrongly
+        sized map, or a label outside ``0..num_semantic_classes-1`` (other than 255), is a
+        ``DataError`` naming the file.  Returns the number of maps checked (0 without ``stuff_dir``)."""
+        if self.stuff_dir is None:
+            return 0
+        ids = list(self.image_ids)
+        bar = None
+        if progress:
+            import sys
+
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="checking stuff maps", leave=False, disable=not sys.stderr.isatty())
+        try:
+            for image_id in ids:
+                info = self._images[image_id]
+                self._load_stuff(info, (int(info["height"]), int(info["width"])))
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return len(ids)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -323,9 +390,10 @@ class CocoDataset(torch.utils.data.Dataset):
             semantic = self._derive_semantic(masks, labels, info, (h, w))
         if not self.with_masks:
             masks = None
+        crowd_boxes = crowd_boxes_of(self._crowd[int(info["id"])], h, w)
         sample = Sample(
             image=image,
-            targets=ImageTargets(boxes=boxes, labels=labels, masks=masks, semantic=semantic),
+            targets=ImageTargets(boxes=boxes, labels=labels, masks=masks, semantic=semantic, crowd_boxes=crowd_boxes),
             meta=ImageMeta(int(info["id"]), str(info["file_name"]), (h, w), (h, w), (1.0, 1.0), False),
             generator=torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i)),
         )
@@ -371,6 +439,25 @@ class CocoDataset(torch.utils.data.Dataset):
                 continue
             sem[torch.from_numpy(decode_segmentation(seg, size[0], size[1]).astype(bool))] = IGNORE_LABEL
         return sem
+
+
+def crowd_boxes_of(anns: list[dict], h: int, w: int) -> Tensor:
+    """``(K, 4)`` float32 XYXY boxes of crowd annotations, clipped to the ``h x w`` image.
+
+    A ``bbox`` that is not four numbers, or that has no area inside the image, is left out: such a
+    box could not neutralise any anchor anyway (YOLACT's only use of crowd boxes).
+    """
+    rows = []
+    for ann in anns:
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            continue
+        x, y, bw, bh = (float(v) for v in bbox)
+        x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h)
+        x2, y2 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
+        if x2 > x1 and y2 > y1:
+            rows.append((x1, y1, x2, y2))
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
 
 
 def _check_segmentation(seg: Any, h: int, w: int) -> str | None:

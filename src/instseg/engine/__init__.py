@@ -16,7 +16,8 @@ __all__ = [
     "save_checkpoint",
 ]
 
-from instseg.engine.inference import evaluate, predict_dataset  # noqa: E402
+from instseg.engine.ema import ModelEMA  # noqa: E402
+from instseg.engine.inference import evaluate, predict_dataset, run_evaluation  # noqa: E402
 from instseg.engine.trainer import NonFiniteLossError, Trainer, train  # noqa: E402
 
-__all__ += ["NonFiniteLossError", "Trainer", "evaluate", "predict_dataset", "train"]
+__all__ += ["ModelEMA", "NonFiniteLossError", "Trainer", "evaluate", "predict_dataset", "run_evaluation", "train"]

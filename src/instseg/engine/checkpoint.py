@@ -12,7 +12,14 @@ Format (``format == 'instseg-v1'``), a plain dict loadable with ``torch.load(wei
      'iter': int,             # iterations completed
      'batch_in_epoch': int,   # batches of ``epoch`` already done
      'rng': capture_rng_state(),
-     'best': {'metric': name, 'value': float}}
+     'best': {'metric': name, 'value': float, 'iter': int},
+     'early_stop': {'bad_evals': int},   # train.patience
+     'skipped_steps': int,               # train.skip_nonfinite
+     'ema': {'model': state_dict, 'updates': int} | None}   # train.ema
+
+With ``train.ema`` on, ``best.pt``'s ``model`` is the EMA weights, and ``last.pt`` has the raw
+weights in ``model`` (to resume) and the EMA weights in ``ema``; ``load_model_from_checkpoint``
+(what ``instseg eval`` / ``predict`` use) loads the EMA weights when a checkpoint has them.
 """
 
 from __future__ import annotations
@@ -94,7 +101,8 @@ def load_model_from_checkpoint(
 
     The model is built from the checkpoint's own config (after ``update_cfg(cfg)``, e.g. to change
     test-time settings such as ``model.max_per_img``) with ``instseg.modeling.zoo.build_model`` (or
-    ``model_builder``) and its weights are loaded strictly.
+    ``model_builder``) and its weights are loaded strictly: the EMA weights (``state['ema']``) when
+    the run kept them, else ``state['model']``.
     """
     from instseg.config.load import from_dict
 
@@ -108,8 +116,10 @@ def load_model_from_checkpoint(
     if model_builder is None:
         from instseg.modeling.zoo import build_model as model_builder
     model = model_builder(cfg.model)
+    ema = state.get("ema")
+    weights = ema["model"] if isinstance(ema, dict) and ema.get("model") else state["model"]
     try:
-        model.load_state_dict(state["model"], strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"weights of {path} do not fit the model built from its config: {e}") from e
     model.to(device).eval()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +24,19 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def predict_dataset(model: nn.Module, loader, device: str | torch.device | None = None, *, progress: bool = False) -> list:
+def predict_dataset(
+    model: nn.Module,
+    loader,
+    device: str | torch.device | None = None,
+    *,
+    progress: bool = False,
+    left_out: list | None = None,
+) -> list:
     """Runs ``model.predict`` over ``loader``; returns ``[(ImageMeta, Detections on CPU), ...]``.
 
-    ``loader`` yields ``(ImageBatch, targets, metas)`` as ``instseg.data.build_test_loader`` does.
+    ``loader`` yields ``(ImageBatch, targets, metas)`` as ``instseg.data.build_test_loader`` does,
+    or ``(ImageBatch | None, targets, metas, [LeftOut, ...])`` as the loader of :func:`evaluate`
+    does; the images left out are appended to ``left_out``.
     """
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
@@ -38,7 +50,14 @@ def predict_dataset(model: nn.Module, loader, device: str | torch.device | None 
         bar = tqdm(total=len(loader), desc="predict", leave=False, disable=not sys.stderr.isatty())
     try:
         with torch.inference_mode():
-            for batch, _targets, metas in loader:
+            for item in loader:
+                batch, _targets, metas = item[:3]
+                if len(item) > 3 and left_out is not None:
+                    left_out.extend(item[3])
+                if batch is None:  # every image of this batch was left out
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 dets = model.predict(batch.to(device))
                 if len(dets) != len(metas):
                     raise RuntimeError(f"model.predict returned {len(dets)} results for {len(metas)} images")
@@ -52,6 +71,60 @@ def predict_dataset(model: nn.Module, loader, device: str | torch.device | None 
     return out
 
 
+@dataclass
+class LeftOut:
+    """An image evaluation had to leave out (unreadable file, size differing from the JSON, ...)."""
+
+    image_id: int
+    file_name: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"image_id": self.image_id, "file_name": self.file_name, "reason": self.reason}
+
+
+class LeaveOutBadImages(torch.utils.data.Dataset):
+    """Wraps an evaluation dataset: an image whose loading raises ``DataError`` becomes a
+    :class:`LeftOut` record instead of ending the evaluation (see :func:`collate_leaving_out`)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        from instseg.data import DataError
+
+        try:
+            return self.dataset[i]
+        except DataError as e:
+            info = self.dataset.image_info(i) if hasattr(self.dataset, "image_info") else {}
+            return LeftOut(int(info.get("id", -1)), str(info.get("file_name", i)), str(e))
+
+
+def collate_leaving_out(items: list, size_divisor: int = 32):
+    """``collate`` of the good samples, plus the :class:`LeftOut` records of the others:
+    ``(ImageBatch | None, targets, metas, left_out)``."""
+    from instseg.data.collate import collate
+
+    good = [x for x in items if not isinstance(x, LeftOut)]
+    left = [x for x in items if isinstance(x, LeftOut)]
+    if not good:
+        return None, [], [], left
+    batch, targets, metas = collate(good, size_divisor=size_divisor)
+    return batch, targets, metas, left
+
+
+@dataclass
+class EvalOutcome:
+    """What :func:`run_evaluation` found: the flat COCO metrics and the images it left out."""
+
+    metrics: dict[str, float]
+    left_out: list[LeftOut] = field(default_factory=list)
+    num_images: int = 0
+
+
 def evaluate(
     model: nn.Module,
     dataset,
@@ -61,14 +134,42 @@ def evaluate(
     cat_ids: Sequence[int] | None = None,
     loader=None,
     verbose: bool = True,
+    confusion_score_thr: float = 0.3,
 ) -> dict[str, float]:
     """COCO-evaluates ``model`` on ``dataset`` (bbox, plus segm when the model returns masks).
 
     Detections' contiguous labels are mapped to COCO category ids with ``cat_ids`` (default:
     ``dataset.cat_ids``; pass the checkpoint's ids when the data set is a different one).
-    ``evaluate_coco`` writes ``results.json``, ``metrics.json`` and ``summary.txt`` to ``out_dir``.
+    ``evaluate_coco`` writes ``results.json``, ``metrics.json``, ``summary.txt`` and the per-class /
+    precision-recall / confusion reports to ``out_dir``.  See :func:`run_evaluation` for images
+    that cannot be read.
     """
-    from instseg.data import build_test_loader
+    return run_evaluation(
+        model, dataset, cfg, out_dir, cat_ids=cat_ids, loader=loader, verbose=verbose,
+        confusion_score_thr=confusion_score_thr,
+    ).metrics
+
+
+def run_evaluation(
+    model: nn.Module,
+    dataset,
+    cfg,
+    out_dir: str | Path | None,
+    *,
+    cat_ids: Sequence[int] | None = None,
+    loader=None,
+    verbose: bool = True,
+    confusion_score_thr: float = 0.3,
+) -> EvalOutcome:
+    """:func:`evaluate`, returning the images left out too.
+
+    An image that cannot be loaded (``DataError``: missing, truncated or corrupt file, size
+    differing from the JSON) is left out with a ``DataWarning`` naming it, and the evaluation goes
+    on over the others (COCOeval then sees only the images evaluated); ``metrics.json`` lists the
+    images left out under ``images_left_out``.  With ``cfg.data.strict`` the ``DataError`` is
+    raised instead.
+    """
+    from instseg.data import DataWarning
     from instseg.evaluation.coco import detections_to_coco, evaluate_coco
 
     max_dets = int(cfg.data.max_dets)
@@ -79,9 +180,35 @@ def evaluate(
             stacklevel=2,
         )
     if loader is None:
-        loader = build_test_loader(cfg.data, dataset, batch_size=1)
+        if cfg.data.strict:
+            from instseg.data import build_test_loader
+
+            loader = build_test_loader(cfg.data, dataset, batch_size=1)
+        else:
+            loader = torch.utils.data.DataLoader(
+                LeaveOutBadImages(dataset),
+                batch_size=1,
+                shuffle=False,
+                collate_fn=partial(collate_leaving_out, size_divisor=cfg.data.size_divisor),
+                num_workers=cfg.data.num_workers,
+            )
     cat_ids = list(dataset.cat_ids if cat_ids is None else cat_ids)
-    preds = predict_dataset(model, loader, progress=True)
+    left_out: list[LeftOut] = []
+    preds = predict_dataset(model, loader, progress=True, left_out=left_out)
+    for item in left_out:
+        warnings.warn(f"evaluation leaves out image {item.file_name} (id {item.image_id}): {item.reason}",
+                      DataWarning, stacklevel=2)
+    if getattr(cfg.model, "arch", "") == "rpn":  # proposals: recall (AR@100/300/1000, by size), as mmdet
+        from instseg.evaluation.proposals import evaluate_proposal_predictions
+
+        metrics = evaluate_proposal_predictions(
+            dataset.coco, [(m.image_id, d.boxes.numpy(), d.scores.numpy()) for m, d in preds],
+            out_dir=out_dir, category_id=cat_ids[0] if cat_ids else None, verbose=verbose,
+        )
+        if out_dir is not None:
+            record = {**metrics, "images_evaluated": len(preds), "images_left_out": [x.as_dict() for x in left_out]}
+            (Path(out_dir) / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+        return EvalOutcome(metrics, left_out, len(preds))
     results: list[dict] = []
     has_masks = False
     for meta, dets in preds:
@@ -94,21 +221,32 @@ def evaluate(
     image_ids = [meta.image_id for meta, _ in preds]
     metrics = evaluate_coco(
         dataset.coco, results, iou_types=iou_types, max_dets=max_dets, out_dir=out_dir, image_ids=image_ids,
-        verbose=verbose,
+        verbose=verbose, confusion_score_thr=confusion_score_thr,
     )
-    return {k: float(v) for k, v in metrics.items()}
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if out_dir is not None:
+        record = {**metrics, "images_evaluated": len(image_ids),
+                  "images_left_out": [x.as_dict() for x in left_out]}
+        (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    return EvalOutcome(metrics, left_out, len(image_ids))
 
 
 def primary_metric(metrics: dict[str, float]) -> str | None:
-    """The metric used to pick ``best.pt``: segm_AP when masks were evaluated, else bbox_AP."""
-    for key in ("segm_AP", "bbox_AP"):
+    """The metric used to pick ``best.pt``: segm_AP when masks were evaluated, else bbox_AP
+    (AR@1000 for proposal models)."""
+    for key in ("segm_AP", "bbox_AP", "AR@1000"):
         if key in metrics:
             return key
     return None
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    """A small AP table: one row per IoU type, columns AP, AP50, AP75, APs, APm, APl."""
+    """A small AP table: one row per IoU type, columns AP, AP50, AP75, APs, APm, APl (for
+    proposal models the AR table of ``instseg.evaluation.proposals``)."""
+    if any(k.startswith("AR@") for k in metrics):
+        from instseg.evaluation.proposals import format_proposal_summary
+
+        return format_proposal_summary(metrics)
     cols = ("AP", "AP50", "AP75", "APs", "APm", "APl")
     types = [t for t in ("bbox", "segm") if any(k.startswith(t + "_") for k in metrics)]
     lines = [f"{'':6s}" + "".join(f"{c:>8s}" for c in cols)]

@@ -3,15 +3,39 @@
 A run lives in ``runs/NAME/`` (``cfg.train.output_dir / cfg.name`` unless ``run_dir`` is given)::
 
     config.yaml            the fully resolved config
-    metrics.jsonl          one JSON object per logged step ("mode": "train") and per evaluation ("mode": "val")
+    metrics.jsonl          one JSON object per logged step ("mode": "train"), per evaluation
+                           ("mode": "val") and one at the end ("mode": "stop", with the "reason")
+    metrics.csv            the same records as a table (one column per key)
+    tensorboard/           TensorBoard events (``train.tensorboard=true``; needs the ``tensorboard`` extra)
     checkpoints/last.pt    every ``checkpoint_interval`` epochs, at the end, and on the time budget
     checkpoints/best.pt    whenever val segm_AP (bbox_AP for box-only models) improves
-    eval/                  results.json, metrics.json, summary.txt of the latest evaluation
+    eval/                  results.json, metrics.json, summary.txt, per-class / PR / confusion reports
+                           of the latest evaluation
     plots/                 loss / AP curves
 
+A new run never overwrites an earlier one: when the folder already holds a run (``config.yaml``,
+``metrics.jsonl`` or ``checkpoints/``) and ``resume`` is off, the run goes to ``NAME_1`` (``NAME_2``,
+...) and says so; the folder actually used is ``result['run_dir']``.
+
 Resume (``resume=True``) restores model, optimizer, AMP scaler, iteration, epoch, position in the
-epoch (the data loader skips the batches already done) and the RNG states, so a run that is
-stopped and resumed ends with the same weights as one that was never stopped.
+epoch (the data loader skips the batches already done), the RNG states, the EMA weights and the
+early-stopping counter, so a run that is stopped and resumed ends with the same weights as one that
+was never stopped.
+
+Options (``train.*``):
+
+- ``patience`` > 0: early stopping.  After each evaluation, if the primary metric (segm_AP, else
+  bbox_AP) did not beat the best so far, a counter goes up (else it is reset); when it reaches
+  ``patience`` training stops, with the reason in ``result['stopped']`` and in the ``stop`` record.
+- ``ema``: an exponential moving average of the weights (``instseg.engine.ema``); evaluations run
+  on it, ``best.pt`` holds it as its ``model``, and ``last.pt`` keeps both (``model`` for resuming,
+  ``ema`` for inference, which ``load_model_from_checkpoint`` prefers).
+- ``skip_nonfinite``: an iteration whose loss is NaN/inf skips its optimizer step (no update,
+  gradients cleared) with a warning naming the loss terms; the count is ``skipped_steps`` in the
+  train records.  Off (default): such a loss stops training with ``NonFiniteLossError``.
+- ``tensorboard``: also log every record to ``RUN/tensorboard``.
+- ``init_from``: a new run (not ``--resume``) starts from the weights of another checkpoint
+  (names and shapes that fit; the rest is reported), e.g. RDSNet's second, MBRM-only stage.
 """
 
 from __future__ import annotations
@@ -29,7 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from instseg.config.load import dump_yaml, to_dict
+from instseg.config.load import ConfigError, dump_yaml, to_dict
 from instseg.config.schema import Config
 from instseg.engine.checkpoint import (
     FORMAT,
@@ -39,8 +63,9 @@ from instseg.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from instseg.engine.inference import evaluate, format_metrics, primary_metric
-from instseg.engine.logging import MetricsLogger, RunningMeans, console
+from instseg.engine.ema import ModelEMA
+from instseg.engine.inference import format_metrics, primary_metric, run_evaluation
+from instseg.engine.logging import MetricsLogger, RunningMeans, console, require_tensorboard
 from instseg.engine.schedule import lr_at, steps_to_iters
 
 
@@ -65,9 +90,25 @@ def seed_everything(seed: int) -> None:
 
 
 def _semantic_args(cfg: Config) -> dict:
+    if cfg.model.semantic and cfg.model.semantic_targets == "derive":
+        return {"semantic": "derive", "num_semantic_classes": None}  # num_classes + 1, see _setup
     if cfg.model.semantic and cfg.model.semantic_targets != "none":
         return {"semantic": cfg.model.semantic_targets, "num_semantic_classes": cfg.model.semantic_classes}
     return {"semantic": "none", "num_semantic_classes": None}
+
+
+def _holds_a_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints"))
+
+
+def fresh_run_dir(run_dir: Path) -> Path:
+    """``run_dir`` when it holds no earlier run, else the first free ``run_dir_1``, ``run_dir_2``, ..."""
+    if not _holds_a_run(run_dir):
+        return run_dir
+    k = 1
+    while _holds_a_run(run_dir.with_name(f"{run_dir.name}_{k}")):
+        k += 1
+    return run_dir.with_name(f"{run_dir.name}_{k}")
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -91,8 +132,12 @@ class Trainer:
         resume: bool = False,
         run_dir: str | Path | None = None,
         model_builder: Callable[[Any], nn.Module] | None = None,
+        pinned: Any = (),
     ):
+        """``pinned``: config keys the user set explicitly (``--set`` / ``--cfg-file``); a pinned
+        ``model.semantic_classes`` that does not fit the data is an error instead of being derived."""
         self.cfg = copy.deepcopy(cfg)
+        self.pinned = set(pinned)
         self.resume = resume
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.train.output_dir) / cfg.name
         if model_builder is None:
@@ -105,6 +150,14 @@ class Trainer:
         from instseg.data import DataError, build_dataset, build_train_loader
 
         cfg, tc = self.cfg, self.cfg.train
+        if tc.tensorboard:  # fail before the (maybe long) data loading, not after
+            require_tensorboard()
+        if not self.resume:
+            fresh = fresh_run_dir(self.run_dir)
+            if fresh != self.run_dir:
+                console(f"note: {self.run_dir} already holds a run; this new run goes to {fresh} "
+                        "(use --resume to continue the old one, or --name to choose a name)")
+                self.run_dir = fresh
         self.ckpt_dir = self.run_dir / "checkpoints"
         last = self.ckpt_dir / "last.pt"
         resume_state = None
@@ -131,6 +184,10 @@ class Trainer:
                 f"{len(self.cat_ids)} categories; using num_classes={len(self.cat_ids)}"
             )
             cfg.model.num_classes = len(self.cat_ids)
+        self._fit_semantic_classes()
+        if self.train_ds.stuff_dir is not None:  # out-of-range labels are an error now, not a skip later
+            n = self.train_ds.check_stuff_maps(progress=True)
+            console(f"checked {n} stuff maps in {self.train_ds.stuff_dir}")
         self.val_ds = None
         if cfg.data.val_ann:
             self.val_ds = build_dataset(cfg.data, "val")
@@ -156,6 +213,9 @@ class Trainer:
             self.steps = steps_to_iters(tc.lr_steps, ipe, by_epoch=True)
 
         self.model = self.model_builder(cfg.model).to(self.device)
+        if tc.init_from and resume_state is None:
+            self._init_weights(tc.init_from)
+        self.ema = ModelEMA(self.model, decay=tc.ema_decay, tau=tc.ema_tau) if tc.ema else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(
             self.params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay
@@ -164,19 +224,18 @@ class Trainer:
 
         self.iter, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best: dict[str, Any] = {"metric": None, "value": None}
+        self.early_stop: dict[str, Any] = {"bad_evals": 0}
+        self.skipped_steps = 0
         if resume_state is not None:
             self._load_state(resume_state, last)
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        stale_best = self.ckpt_dir / "best.pt"
-        if resume_state is None and stale_best.exists():
-            console(f"note: starting a new run in {self.run_dir} (use --resume to continue the old one)")
-            stale_best.unlink()
         dump_yaml(cfg, self.run_dir / "config.yaml")
         self.logger = MetricsLogger(
             self.run_dir / "metrics.jsonl",
             fresh=resume_state is None,
             keep_until_iter=self.iter if resume_state is not None else None,
+            tensorboard_dir=self.run_dir / "tensorboard" if tc.tensorboard else None,
         )
         # On resume the RNG states are restored once the first data iterator exists: building the
         # model draws random numbers, and so does creating a DataLoader iterator (its base seed).
@@ -186,6 +245,41 @@ class Trainer:
                 f"resumed {self.run_dir} at iteration {self.iter} "
                 f"(epoch {self.epoch + 1}, batch {self.batch_in_epoch} of {ipe})"
             )
+
+    def _init_weights(self, path: str) -> None:
+        """``train.init_from``: a new run starts from another checkpoint's weights (its EMA weights
+        when it kept them); every tensor whose name and shape fit is loaded, the others are named."""
+        state = load_checkpoint(path)
+        ema = state.get("ema")
+        weights = ema["model"] if isinstance(ema, dict) and ema.get("model") else state["model"]
+        own = self.model.state_dict()
+        fit = {k: v for k, v in weights.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        if not fit:
+            raise CheckpointError(f"train.init_from: no tensor of {path} fits the model built from this config")
+        self.model.load_state_dict(fit, strict=False)
+        left = sorted(set(own) - set(fit))
+        unused = sorted(set(weights) - set(fit))
+        console(f"initialised {len(fit)} of {len(own)} tensors from {path}"
+                + (f"; {len(left)} keep their init (e.g. {left[:3]})" if left else "")
+                + (f"; {len(unused)} of the checkpoint's do not fit (e.g. {unused[:3]})" if unused else ""))
+
+    def _fit_semantic_classes(self) -> None:
+        """``semantic_targets=derive`` maps have ``num_classes + 1`` classes (0 = background)."""
+        m = self.cfg.model
+        if not (m.semantic and m.semantic_targets == "derive"):
+            return
+        want = m.num_classes + 1
+        if m.semantic_classes == want:
+            return
+        if "model.semantic_classes" in self.pinned:
+            raise ConfigError(
+                f"model.semantic_classes={m.semantic_classes} does not fit model.semantic_targets=derive: "
+                f"derived maps have num_classes + 1 = {want} classes (0 = background, label + 1 = class); "
+                f"set model.semantic_classes={want} or leave it out"
+            )
+        console(f"note: model.semantic_targets=derive: using model.semantic_classes={want} "
+                f"(num_classes + 1) instead of {m.semantic_classes}")
+        m.semantic_classes = want
 
     def _check_resume_config(self, state: dict) -> None:
         saved = state.get("config") or {}
@@ -208,6 +302,17 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.best = dict(state.get("best") or self.best)
+        self.early_stop = dict(state.get("early_stop") or self.early_stop)
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if self.ema is not None:
+            if state.get("ema"):
+                try:
+                    self.ema.load_state_dict(state["ema"])
+                except (KeyError, RuntimeError) as e:
+                    raise CheckpointError(f"cannot resume the EMA weights from {path}: {e}") from e
+            else:
+                console(f"note: {path} has no EMA weights (train.ema was off); the EMA starts from the current weights")
+                self.ema = ModelEMA(self.model, decay=self.cfg.train.ema_decay, tau=self.cfg.train.ema_tau)
 
     def state_dict(self) -> dict:
         return {
@@ -222,6 +327,9 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "rng": capture_rng_state(),
             "best": dict(self.best),
+            "early_stop": dict(self.early_stop),
+            "skipped_steps": self.skipped_steps,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     # ------------------------------------------------------------------------------ loop
@@ -230,24 +338,50 @@ class Trainer:
         save_checkpoint(self.ckpt_dir / "last.pt", self.state_dict())
         self._saved_at = self.iter
 
+    def eval_model(self) -> nn.Module:
+        """The weights evaluations run on: the EMA copy when ``train.ema`` is on."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _evaluate(self) -> dict[str, float]:
         rng = capture_rng_state()  # evaluation must not change the training's random stream
-        metrics = evaluate(
-            self.model, self.val_ds, self.cfg, self.run_dir / "eval", cat_ids=self.cat_ids, verbose=False
+        outcome = run_evaluation(
+            self.eval_model(), self.val_ds, self.cfg, self.run_dir / "eval", cat_ids=self.cat_ids, verbose=False
         )
+        metrics = outcome.metrics
         restore_rng_state(rng)
         self.model.train()
         self._evaluated_at = self.iter
-        self.logger.log({"mode": "val", "iter": self.iter, "epoch": self.epoch, **metrics})
+        record = {"mode": "val", "iter": self.iter, "epoch": self.epoch, **metrics}
+        if outcome.left_out:
+            record["images_left_out"] = [x.file_name for x in outcome.left_out]
+            for x in outcome.left_out:
+                console(f"warning: evaluation left out {x.file_name}: {x.reason}")
         console(f"[iter {self.iter}] COCO evaluation on {self.cfg.data.val_ann}:\n{format_metrics(metrics)}")
         key = primary_metric(metrics)
         if key is not None:
             value = float(metrics[key])
             if self.best.get("value") is None or self.best.get("metric") != key or value > self.best["value"]:
                 self.best = {"metric": key, "value": value, "iter": self.iter}
-                save_checkpoint(self.ckpt_dir / "best.pt", self.state_dict())
+                self.early_stop["bad_evals"] = 0
+                state = self.state_dict()
+                if self.ema is not None:  # best.pt is for inference: it holds the weights evaluated
+                    state["model"] = self.ema.module.state_dict()
+                save_checkpoint(self.ckpt_dir / "best.pt", state)
                 console(f"new best {key}={value:.4f} -> {self.ckpt_dir / 'best.pt'}")
+            else:
+                self.early_stop["bad_evals"] = int(self.early_stop.get("bad_evals", 0)) + 1
+            if self.cfg.train.patience > 0:
+                record["evals_without_improvement"] = self.early_stop["bad_evals"]
+        self.logger.log(record)
         return metrics
+
+    def _early_stop_reason(self) -> str | None:
+        patience = self.cfg.train.patience
+        bad = int(self.early_stop.get("bad_evals", 0))
+        if patience <= 0 or bad < patience:
+            return None
+        return (f"early stopping: {self.best.get('metric')} did not improve for {bad} evaluations "
+                f"(train.patience={patience}; best {self.best.get('value'):.4f} at iteration {self.best.get('iter')})")
 
     def _step(self, batch, targets) -> dict:
         tc = self.cfg.train
@@ -273,6 +407,14 @@ class Trainer:
                 for k, v in out.items()
                 if k.startswith("loss") and isinstance(v, torch.Tensor) and v.numel() == 1
             )
+            if tc.skip_nonfinite:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+                console(
+                    f"warning: non-finite loss at iteration {self.iter + 1} (epoch {self.epoch + 1}): {terms}; "
+                    f"optimizer step skipped (train.skip_nonfinite; {self.skipped_steps} skipped so far)"
+                )
+                return {"lr": lr, "skipped": True}
             raise NonFiniteLossError(
                 f"non-finite loss at iteration {self.iter + 1} (epoch {self.epoch + 1}): {terms}. "
                 "Try a lower train.lr, a longer train.warmup_iters or train.grad_clip > 0."
@@ -284,6 +426,8 @@ class Trainer:
             out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
         out["lr"] = lr
         return out
 
@@ -305,6 +449,10 @@ class Trainer:
 
         bar = tqdm(total=self.total_iters, initial=self.iter, desc="train", disable=not sys.stderr.isatty())
         self.model.train()
+        stop_reason = self._early_stop_reason()  # a resumed run that had already stopped early
+        if stop_reason is not None:
+            console(f"{stop_reason}; nothing left to do (raise train.patience to train on)")
+            self._evaluated_at = self.iter
         try:
             while self.epoch < self.num_epochs and self.iter < self.total_iters and stop_reason is None:
                 loader = self.build_train_loader(
@@ -321,13 +469,15 @@ class Trainer:
                     self.iter += 1
                     self.batch_in_epoch += 1
                     t_now = time.perf_counter()
-                    means.add({k: v for k, v in out.items() if k != "lr"})
+                    means.add({k: v for k, v in out.items() if k not in ("lr", "skipped")})
                     means.add({"time": t_now - t_prev, "data_time": t_data - t_prev})
                     t_prev = t_now
                     bar.update(1)
                     if self.iter % max(tc.log_interval, 1) == 0 or self.iter == self.total_iters:
                         rec = {"mode": "train", "iter": self.iter, "epoch": self.epoch + 1, "lr": out["lr"]}
                         rec.update(means.pop())
+                        if tc.skip_nonfinite or self.skipped_steps:
+                            rec["skipped_steps"] = self.skipped_steps
                         if self.device.type == "cuda":
                             rec["memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
                         self.logger.log(rec)
@@ -352,6 +502,9 @@ class Trainer:
                     self.batch_in_epoch = 0
                     if self.val_ds is not None and tc.eval_interval > 0 and self.epoch % tc.eval_interval == 0:
                         metrics = self._evaluate()
+                        stop_reason = self._early_stop_reason()
+                        if stop_reason is not None:
+                            console(f"stopping: {stop_reason}")
                     if tc.checkpoint_interval > 0 and self.epoch % tc.checkpoint_interval == 0:
                         self._save_last()
         finally:
@@ -362,13 +515,17 @@ class Trainer:
             metrics = self._evaluate()
         if final_eval or self._saved_at != self.iter:  # last.pt also carries the latest 'best'
             self._save_last()
+        stopped = stop_reason or "completed"
+        self.logger.log({"mode": "stop", "iter": self.iter, "epoch": self.epoch, "reason": stopped,
+                         "skipped_steps": self.skipped_steps})
+        self.logger.close()
         self._plot()
-        console(f"done: {self.iter} iterations; checkpoints in {self.ckpt_dir}")
+        console(f"done: {self.iter} iterations ({stopped}); checkpoints in {self.ckpt_dir}")
         return {
             "run_dir": str(self.run_dir),
             "iter": self.iter,
             "epoch": self.epoch,
-            "stopped": stop_reason or "completed",
+            "stopped": stopped,
             "metrics": metrics,
             "best": dict(self.best),
             "classes": self.classes,
@@ -389,6 +546,7 @@ def train(
     resume: bool = False,
     run_dir: str | Path | None = None,
     model_builder: Callable[[Any], nn.Module] | None = None,
+    pinned: Any = (),
 ) -> dict:
     """Trains ``cfg``; returns ``{'run_dir', 'iter', 'epoch', 'stopped', 'metrics', 'best', 'classes'}``."""
-    return Trainer(cfg, resume=resume, run_dir=run_dir, model_builder=model_builder).run()
+    return Trainer(cfg, resume=resume, run_dir=run_dir, model_builder=model_builder, pinned=pinned).run()

@@ -19,7 +19,7 @@ mirror-symmetric image gives the same detections with and without the flip.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -164,3 +164,45 @@ def _select(feats: list[Tensor], i: int) -> list[Tensor]:
 
 def _select_one(x: Tensor | None, i: int) -> Tensor | None:
     return None if x is None else x[i : i + 1]
+
+
+class TTAModel(torch.nn.Module):
+    """Presents :class:`TestTimeAugmentation` with a model's ``predict(batch)`` interface, for the
+    evaluation / prediction loops: the batch must hold the images AS READ (not resized, not
+    normalised; zero padding is fine), e.g. from a dataset whose transforms were replaced by
+    :func:`raw_transforms`."""
+
+    def __init__(self, model, settings: TTASettings) -> None:
+        super().__init__()
+        self.model = model
+        self.tta = TestTimeAugmentation(model, settings)
+
+    @torch.no_grad()
+    def predict(self, batch: ImageBatch, *, with_masks: bool = True) -> list[Detections]:
+        from instseg.data.coco import ImageMeta, Sample
+        from instseg.structures.instances import ImageTargets
+
+        samples = []
+        for i, (h, w) in enumerate(batch.image_sizes):
+            image = batch.images[i, :, :h, :w].float().cpu()
+            empty = ImageTargets(torch.zeros((0, 4)), torch.zeros((0,), dtype=torch.int64))
+            samples.append(Sample(image=image, targets=empty, meta=ImageMeta(-1, "", (h, w), (h, w))))
+        return self.tta.predict(samples, with_masks=with_masks)
+
+
+def raw_transforms():
+    """No resize, no normalisation: what :class:`TTAModel` expects from the data set."""
+    from instseg.data.transforms import Compose
+
+    return Compose([])
+
+
+def wrap_for_tta(model, dataset, spec: str, data_cfg):
+    """``(model, dataset)`` unchanged when ``spec`` is empty; else the model wrapped in
+    :class:`TTAModel` and the data set's transforms replaced by :func:`raw_transforms`."""
+    if not spec:
+        return model, dataset
+    settings = parse_tta(spec, data_cfg)
+    wrapped = TTAModel(model, settings)
+    dataset.transforms = raw_transforms()
+    return wrapped, dataset

@@ -13,6 +13,11 @@ least 400. pycocotools' ``summarize()`` reads AP at a hard-coded ``maxDets=100``
 ``maxDets=[1, 10, 400]`` its AP lines read -1; here every number is read from
 ``cocoEval.eval['precision']`` / ``['recall']`` at the ``max_dets`` actually used, and the printed
 summary uses the same numbers.
+
+With an ``out_dir``, :func:`evaluate_coco` also writes the reports of
+:mod:`instseg.evaluation.report`: ``per_class_{bbox,segm}.csv`` (AP / AP50 / AP75 / AR per class,
+also printed in the summary), ``pr_{bbox,segm}.png`` (precision-recall curves) and
+``confusion_{bbox,segm}.{csv,png}`` (confusion matrix at IoU 0.5 with a background row/column).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import pycocotools.mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from instseg.evaluation.report import format_per_class, write_reports
 from instseg.structures.instances import Detections
 
 __all__ = ["METRIC_NAMES", "detections_to_coco", "evaluate_coco", "format_summary", "write_results_json"]
@@ -103,6 +109,8 @@ def evaluate_coco(
     out_dir: str | os.PathLike | None = None,
     image_ids: Sequence[int] | None = None,
     verbose: bool = True,
+    confusion_score_thr: float = 0.3,
+    plots: bool = True,
 ) -> dict[str, float]:
     """Runs the official COCOeval and returns flat metrics.
 
@@ -117,6 +125,12 @@ def evaluate_coco(
         image_ids: evaluate only these images (default: every image of ``coco_gt``). Results
             for other images are ignored.
         verbose: print pycocotools' progress and the summary.
+        confusion_score_thr: detections below this score are left out of the confusion matrix.
+        plots: also draw the PNG reports (precision-recall curves, confusion matrix).
+
+    The summary (printed, and ``summary.txt``) has COCO's 12 lines and a per-class table for each
+    IoU type; the per-class CSVs and the confusion matrices go to ``out_dir`` (see
+    :func:`instseg.evaluation.report.write_reports`).
 
     Returns:
         ``{f"{iou}_{name}": value}`` for ``name`` in :data:`METRIC_NAMES`, values in [0, 1].
@@ -146,6 +160,9 @@ def evaluate_coco(
 
     metrics: dict[str, float] = {}
     summaries: list[str] = []
+    class_names = {int(c["id"]): str(c.get("name", c["id"])) for c in coco_gt.dataset.get("categories", [])}
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     for iou_type in iou_types:
         if iou_type == "segm":
             # Without 'bbox', loadRes takes a detection's area from its mask, not its box, so
@@ -158,8 +175,13 @@ def evaluate_coco(
             note = "no results" if not results else "no results carry a 'segmentation'"
             summaries.append(f"{iou_type}: {note}; all metrics 0.0")
         else:
-            values = _run_cocoeval(coco_gt, dts, iou_type, max_dets, eval_ids, verbose)
+            values, ev = _run_cocoeval(coco_gt, dts, iou_type, max_dets, eval_ids, verbose)
             summaries.append(format_summary(values, iou_type, max_dets))
+            rows = write_reports(
+                ev, iou_type, max_dets, out_dir, class_names=class_names,
+                confusion_score_thr=confusion_score_thr, plots=plots,
+            )
+            summaries.append(format_per_class(rows, iou_type))
         metrics.update({f"{iou_type}_{k}": v for k, v in values.items()})
 
     summary = "\n".join(summaries)
@@ -199,7 +221,7 @@ def format_summary(values: dict[str, float], iou_type: str, max_dets: int) -> st
 
 def _run_cocoeval(
     coco_gt: COCO, dts: list[dict], iou_type: str, max_dets: int, image_ids: list[int], verbose: bool
-) -> dict[str, float]:
+) -> tuple[dict[str, float], COCOeval]:
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
         coco_dt = coco_gt.loadRes(dts)
@@ -208,7 +230,7 @@ def _run_cocoeval(
         ev.params.maxDets = [1, 10, int(max_dets)]
         ev.evaluate()
         ev.accumulate()
-    return _metrics_from_eval(ev, max_dets)
+    return _metrics_from_eval(ev, max_dets), ev
 
 
 def _metrics_from_eval(ev: COCOeval, max_dets: int) -> dict[str, float]:

@@ -31,8 +31,10 @@ from instseg.ops.roi_align import MultiLevelRoIAlign
 from instseg.ops.sampler import RandomSampler
 
 TWO_STAGE_ARCHS = ("mask_rcnn", "cascade_mask_rcnn", "htc")
-ONE_STAGE_ARCHS = ("retinanet", "yolact")
-ARCHS = TWO_STAGE_ARCHS + ONE_STAGE_ARCHS
+ONE_STAGE_ARCHS = ("retinanet", "yolact", "rdsnet")
+PROPOSAL_ARCHS = ("rpn",)  # proposal-only models (model.rpn picks the head)
+ARCHS = TWO_STAGE_ARCHS + ONE_STAGE_ARCHS + PROPOSAL_ARCHS
+RPN_HEADS = ("rpn", "ga_rpn")
 
 RESNETS = {
     "resnet18": dict(depth=18),
@@ -42,6 +44,7 @@ RESNETS = {
     "resnext101_32x4d": dict(depth=101, groups=32, width_per_group=4),
     "resnext101_64x4d": dict(depth=101, groups=64, width_per_group=4),
 }
+FISHNETS = {"fishnet99": 99, "fishnet150": 150, "fishnet201": 201}  # official ImageNet file via backbone_weights
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
@@ -49,12 +52,29 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     if cfg.backbone in RESNETS:
         from instseg.modeling.backbones.resnet import ResNet
 
-        return ResNet(**RESNETS[cfg.backbone], frozen_stages=cfg.frozen_stages, norm_eval=cfg.norm_eval, weights=weights)
+        return ResNet(
+            **RESNETS[cfg.backbone],
+            frozen_stages=cfg.frozen_stages,
+            norm_eval=cfg.norm_eval,
+            weights=weights,
+            dcn=cfg.dcn or None,
+            stage_with_dcn=tuple(cfg.stage_with_dcn),
+        )
+    if cfg.dcn and any(cfg.stage_with_dcn):
+        raise ValueError(f"model.dcn={cfg.dcn!r}: deformable conv stages exist for the ResNet/ResNeXt backbones only")
     if cfg.backbone == "mobilenet_v2":
         from instseg.modeling.backbones.mobilenet import MobileNetV2
 
         return MobileNetV2(frozen_stages=cfg.frozen_stages, norm_eval=cfg.norm_eval, weights=weights)
-    valid = ", ".join([*RESNETS, "mobilenet_v2"])
+    if cfg.backbone in FISHNETS:
+        from instseg.modeling.backbones.fishnet import FishNet
+
+        if weights == "imagenet":
+            raise ValueError("model.backbone_weights: FishNet weights are not bundled; give the checkpoint file path")
+        return FishNet(
+            depth=FISHNETS[cfg.backbone], frozen_stages=cfg.frozen_stages, norm_eval=cfg.norm_eval, weights=weights
+        )
+    valid = ", ".join([*RESNETS, "mobilenet_v2", *FISHNETS])
     raise ValueError(f"model.backbone: unknown backbone {cfg.backbone!r}; expected one of {valid}")
 
 
@@ -62,7 +82,12 @@ def _rpn_loss_name(kind: str) -> str:
     return {"l1": "l1", "smooth_l1": "smooth_l1_rpn"}[kind]
 
 
-def build_rpn(cfg: ModelConfig) -> RPNHead:
+def build_rpn(cfg: ModelConfig) -> nn.Module:
+    """The proposal head named by ``model.rpn``: ``rpn`` (RPNHead) or ``ga_rpn`` (GARPNHead)."""
+    if cfg.rpn == "ga_rpn":
+        return build_ga_rpn(cfg)
+    if cfg.rpn != "rpn":
+        raise ValueError(f"model.rpn: unknown proposal head {cfg.rpn!r}; expected one of {', '.join(RPN_HEADS)}")
     return RPNHead(
         in_channels=cfg.fpn_channels,
         feat_channels=cfg.fpn_channels,
@@ -74,6 +99,51 @@ def build_rpn(cfg: ModelConfig) -> RPNHead:
         train_proposals=ProposalSettings(cfg.rpn_train_pre_nms, cfg.rpn_train_post_nms, cfg.rpn_nms_iou),
         test_proposals=ProposalSettings(cfg.rpn_test_pre_nms, cfg.rpn_test_post_nms, cfg.rpn_nms_iou),
     )
+
+
+def build_ga_rpn(cfg: ModelConfig) -> nn.Module:
+    """mmdet's ``GARPNHead`` (``model.ga_rpn``); strides ``model.anchor_strides``."""
+    from instseg.modeling.dense_heads.ga_rpn import GARPNHead
+    from instseg.ops.ga_targets import ApproxMaxIoUAssigner, wh_ratio_clamp
+
+    gc = cfg.ga_rpn
+    scales = [gc.octave_base_scale * 2 ** (i / gc.scales_per_octave) for i in range(gc.scales_per_octave)]
+    return GARPNHead(
+        in_channels=cfg.fpn_channels,
+        feat_channels=cfg.fpn_channels,
+        approx_generator=AnchorGenerator(strides=cfg.anchor_strides, ratios=gc.approx_ratios, scales=scales),
+        square_generator=AnchorGenerator(strides=cfg.anchor_strides, ratios=(1.0,), scales=(gc.octave_base_scale,)),
+        anchor_coder=DeltaXYWHCoder(stds=gc.anchor_stds, wh_clamp=wh_ratio_clamp(1e-6)),
+        bbox_coder=DeltaXYWHCoder(stds=gc.bbox_stds),
+        assigner=MaxIoUAssigner(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3, match_low_quality=True),
+        sampler=RandomSampler(num=cfg.rpn_batch_per_image, pos_fraction=0.5, add_gt_as_proposals=False),
+        ga_assigner=ApproxMaxIoUAssigner(
+            pos_iou_thr=gc.ga_pos_iou, neg_iou_thr=gc.ga_neg_iou, min_pos_iou=gc.ga_min_pos_iou, match_low_quality=True
+        ),
+        ga_sampler=RandomSampler(num=gc.ga_batch_per_image, pos_fraction=0.5, add_gt_as_proposals=False),
+        deform_groups=gc.deform_groups,
+        loc_filter_thr=gc.loc_filter_thr,
+        center_ratio=gc.center_ratio,
+        ignore_ratio=gc.ignore_ratio,
+        focal_alpha=gc.focal_alpha,
+        focal_gamma=gc.focal_gamma,
+        loc_loss_mode=gc.loc_loss_mode,
+        shape_beta=gc.shape_beta,
+        loss_bbox={"l1": "l1", "smooth_l1": "smooth_l1"}[gc.loss_bbox],
+        allowed_border=gc.allowed_border,
+        nms_post=gc.nms_post,
+        train_proposals=ProposalSettings(cfg.rpn_train_pre_nms, cfg.rpn_train_post_nms, cfg.rpn_nms_iou),
+        test_proposals=ProposalSettings(cfg.rpn_test_pre_nms, cfg.rpn_test_post_nms, cfg.rpn_nms_iou),
+    )
+
+
+def build_rpn_only(cfg: ModelConfig) -> Detector:
+    """mmdet's ``RPN`` detector (``model.arch=rpn``): backbone, FPN and the ``model.rpn`` head."""
+    from instseg.modeling.detectors.two_stage import RPNDetector
+
+    backbone = build_backbone(cfg)
+    neck = FPN(in_channels=list(backbone.out_channels), out_channels=cfg.fpn_channels, num_outs=len(cfg.anchor_strides))
+    return RPNDetector(backbone=backbone, neck=neck, bbox_head=build_rpn(cfg))
 
 
 def build_stages(cfg: ModelConfig) -> list[CascadeStage]:
@@ -124,6 +194,10 @@ def build_model(cfg: ModelConfig) -> Detector:
         return build_retinanet(cfg)
     if cfg.arch == "yolact":
         return build_yolact(cfg)
+    if cfg.arch == "rdsnet":
+        return build_rdsnet(cfg)
+    if cfg.arch == "rpn":
+        return build_rpn_only(cfg)
     return build_two_stage(cfg)
 
 
@@ -224,6 +298,70 @@ def build_yolact(cfg: ModelConfig) -> OneStageDetector:
         assigner=assigner,
     )
     return OneStageDetector(backbone=backbone, neck=neck, bbox_head=bbox_head, mask_head=mask_head, logic=logic)
+
+
+def build_rdsnet(cfg: ModelConfig) -> OneStageDetector:
+    """RDSNet (official code, mmdet v1): FPN P3-P7 (P6 from C5), the object stream with GN towers
+    and mmdet-v1 anchors, the pixel stream on P3-P5, correlation + cropping, MBRM."""
+    from instseg.modeling.dense_heads.rdsnet import (
+        RDSNetHead,
+        RDSNetMaskLogic,
+        RDSNetPixelHead,
+        RDSNetSettings,
+        V1AnchorGenerator,
+    )
+    from instseg.modeling.detectors.rdsnet import RDSNetDetector
+    from instseg.modeling.refiners.mbrm import MBRM
+
+    rc = cfg.rdsnet
+    backbone = build_backbone(cfg)
+    scales = [rc.octave_base_scale * 2 ** (i / rc.scales_per_octave) for i in range(rc.scales_per_octave)]
+    bbox_head = RDSNetHead(
+        num_classes=cfg.num_classes,
+        in_channels=cfg.fpn_channels,
+        feat_channels=rc.feat_channels,
+        stacked_convs=rc.stacked_convs,
+        rep_channels=rc.rep_channels,
+        norm_groups=rc.norm_groups,
+        anchor_generator=V1AnchorGenerator(strides=cfg.anchor_strides, ratios=cfg.anchor_ratios, scales=scales),
+        assigner=MaxIoUAssigner(pos_iou_thr=rc.pos_iou, neg_iou_thr=rc.neg_iou, min_pos_iou=0.0, match_low_quality=True),
+        focal_alpha=rc.focal_alpha,
+        focal_gamma=rc.focal_gamma,
+        smooth_l1_beta=rc.smooth_l1_beta,
+        test=_dense_test(cfg, rc.nms_pre),
+    )
+    mask_head = RDSNetPixelHead(
+        in_channels=cfg.fpn_channels,
+        channels=rc.pixel_channels,
+        rep_channels=rc.rep_channels,
+        num_levels=rc.pixel_levels,
+        num_final_convs=rc.pixel_final_convs,
+        norm_groups=rc.norm_groups,
+    )
+    logic = RDSNetMaskLogic(
+        RDSNetSettings(
+            masks_to_train=rc.masks_to_train,
+            min_mask_area=rc.min_mask_area,
+            train_crop=rc.train_crop,
+            test_crop=rc.test_crop,
+            ohem_ratio=rc.ohem_ratio,
+            mask_loss_weight=rc.mask_loss_weight,
+            mask_thr=cfg.mask_thr,
+        )
+    )
+    neck = _p3_p7_fpn(cfg, backbone, add_extra_convs="on_input")
+    return RDSNetDetector(
+        backbone=backbone,
+        neck=neck,
+        bbox_head=bbox_head,
+        mask_head=mask_head,
+        logic=logic,
+        mbrm=MBRM(kernel_size=rc.mbrm_kernel, gamma=rc.mbrm_gamma, cutoff=rc.mbrm_cutoff),
+        refine=rc.refine,
+        mbrm_train=rc.mbrm_train,
+        mbrm_train_iou=rc.mbrm_train_iou,
+        mbrm_train_max_dets=rc.mbrm_train_max_dets,
+    )
 
 
 def _yolact_cells(input_size: int) -> list[int]:

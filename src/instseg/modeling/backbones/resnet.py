@@ -12,6 +12,14 @@ the 3x3 ``conv2`` of a bottleneck, which is torchvision's layout):
 * ``norm_eval=True``: every BatchNorm layer stays in eval mode while the model trains (running
   statistics frozen); the affine parameters of unfrozen stages still receive gradients.
 
+Deformable convolution (mmdetection's ``dcn`` + ``stage_with_dcn``): in the stages where
+``stage_with_dcn[i]`` is True, the 3x3 ``conv2`` of every Bottleneck becomes mmcv's
+``DeformConv2dPack`` (``dcn="dcn"``, mmdet ``type='DCN'``) or ``ModulatedDeformConv2dPack``
+(``dcn="dcnv2"``, ``type='DCNv2'``) with the same stride / padding / dilation / groups, no bias and
+``deform_groups`` offset groups, so the keys are mmdetection's (``layer2.0.conv2.weight``,
+``layer2.0.conv2.conv_offset.weight`` / ``.bias``). Nothing else changes; with ``dcn=None`` the
+module, its keys and its random init are exactly the plain ResNet's.
+
 Also here, because every backbone uses them: :func:`load_backbone_weights` (torchvision or
 mmdetection checkpoints, strict key check) and :func:`fuse_conv_bn` (fold eval-mode BatchNorm into
 the preceding convolution for inference).
@@ -30,6 +38,13 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from instseg.ops.deform_conv import (
+    DeformConv2d,
+    DeformConv2dPack,
+    ModulatedDeformConv2d,
+    ModulatedDeformConv2dPack,
+)
 
 from .base import FrozenStagesBackbone
 
@@ -92,6 +107,21 @@ class ResNet(FrozenStagesBackbone):
         weights: ``None`` (mmdetection-like random init: Kaiming-normal fan_out convolutions, BN
             weight 1 / bias 0), a checkpoint path (see :func:`load_backbone_weights`), or
             ``"imagenet"`` / ``"torchvision"`` for torchvision's file in the local torch.hub cache.
+            A checkpoint without any ``conv_offset`` key (ImageNet) leaves the offsets at zero.
+        dcn: ``None`` / ``""`` (plain), ``"dcn"`` (DCN v1, mmcv ``DeformConv2dPack``) or ``"dcnv2"``
+            (modulated DCN v2, ``ModulatedDeformConv2dPack``) for the 3x3 ``conv2`` of the
+            Bottlenecks of the stages in ``stage_with_dcn`` (mmdet: ResNet-18/34 support none).
+        stage_with_dcn: one flag per stage ``layer1..layer4``; mmdet's "c3-c5" is
+            ``(False, True, True, True)``.
+        deform_groups: offset groups of each DCN layer (mmdet ``dcn=dict(deform_groups=...)``).
+        fallback_on_stride: mmdet's ``dcn=dict(fallback_on_stride=True)``. mmdetection pops the key
+            from the one ``dcn`` dict every block shares, so only the first DCN bottleneck built
+            (``layerK.0`` of the first DCN stage) gets a plain ``conv2``; reproduced as such. Every
+            mmdetection config sets it False.
+
+    The weights of a DCN layer start as the plain ``conv2``'s (same init, same seed stream) and its
+    ``conv_offset`` at zero (mmcv's init), so at construction a DCN v1 network computes exactly
+    what the plain one does (a v2 one: every ``conv2`` output halved, ``sigmoid(0) = 0.5``).
     """
 
     def __init__(
@@ -103,6 +133,10 @@ class ResNet(FrozenStagesBackbone):
         frozen_stages: int = 1,
         norm_eval: bool = True,
         weights: str | Path | None = None,
+        dcn: str | None = None,
+        stage_with_dcn: tuple[bool, bool, bool, bool] = (False, False, False, False),
+        deform_groups: int = 1,
+        fallback_on_stride: bool = False,
     ) -> None:
         super().__init__()
         if depth not in _ARCH:
@@ -131,6 +165,12 @@ class ResNet(FrozenStagesBackbone):
         self.layer4 = tv.layer4
         del tv  # drops fc / avgpool
 
+        self.dcn = _check_dcn(dcn, stage_with_dcn, block)
+        self.stage_with_dcn = tuple(bool(s) for s in stage_with_dcn)
+        self.deform_groups = deform_groups
+        if self.dcn is not None:
+            self._add_dcn(self.dcn, deform_groups, fallback_on_stride)
+
         expansion = block.expansion
         self.out_channels: list[int] = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
         self.strides: list[int] = [4, 8, 16, 32]
@@ -140,6 +180,38 @@ class ResNet(FrozenStagesBackbone):
                 weights = torchvision_weights_filename(depth, groups, width_per_group)
             load_backbone_weights(self, weights)
         self._freeze_stages()
+
+    @torch.no_grad()
+    def _add_dcn(self, kind: str, deform_groups: int, fallback_on_stride: bool) -> None:
+        """Replace ``conv2`` of every Bottleneck in the DCN stages (mmdet's Bottleneck / ResNeXt
+        Bottleneck: ``build_conv_layer(dcn, width, width, 3, stride, padding=dilation, dilation,
+        groups, bias=False)``)."""
+        cls = {"dcn": DeformConv2dPack, "dcnv2": ModulatedDeformConv2dPack}[kind]
+        pop_fallback = fallback_on_stride
+        # the DCN layers' own init draws random numbers: keep the global stream as the plain
+        # network leaves it, so everything built after the backbone is the same too
+        with torch.random.fork_rng(devices=[]):
+            for i, on in enumerate(self.stage_with_dcn):
+                if not on:
+                    continue
+                for block in getattr(self, f"layer{i + 1}"):
+                    plain: nn.Conv2d = block.conv2
+                    if pop_fallback:  # dcn.pop('fallback_on_stride'): the first DCN block only
+                        pop_fallback = False
+                        continue
+                    conv = cls(
+                        plain.in_channels,
+                        plain.out_channels,
+                        plain.kernel_size,
+                        stride=plain.stride,
+                        padding=plain.padding,
+                        dilation=plain.dilation,
+                        groups=plain.groups,
+                        deform_groups=deform_groups,
+                        bias=False,
+                    ).to(device=plain.weight.device, dtype=plain.weight.dtype)
+                    conv.weight.copy_(plain.weight)
+                    block.conv2 = conv
 
     # ------------------------------------------------------------------ freezing / modes
     def _frozen_modules(self) -> list[nn.Module]:
@@ -171,8 +243,37 @@ class ResNet(FrozenStagesBackbone):
         return self
 
 
+_DCN_KINDS = ("dcn", "dcnv2")
+
+
+def _check_dcn(dcn: str | None, stage_with_dcn, block: type[nn.Module]) -> str | None:
+    if len(tuple(stage_with_dcn)) != 4:
+        raise ValueError(f"stage_with_dcn needs one flag per stage (4), got {tuple(stage_with_dcn)}")
+    if dcn is None or dcn == "":
+        return None
+    kind = str(dcn).lower()
+    if kind not in _DCN_KINDS:
+        raise ValueError(f"dcn must be one of {_DCN_KINDS} or None/'' (mmdet type 'DCN' / 'DCNv2'), got {dcn!r}")
+    if block is tv_resnet.BasicBlock and any(stage_with_dcn):
+        raise ValueError("deformable conv is not implemented for BasicBlock (ResNet-18/34), as in mmdetection")
+    return kind
+
+
 # ====================================================================== weight loading
 _NUM_BATCHES = "num_batches_tracked"
+_OFFSET = ".conv_offset."
+_LEGACY_OFFSET = re.compile(r"^(.*)_offset\.(weight|bias)$")
+
+
+def _upgrade_offset_keys(state: dict[str, Tensor], own: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """mmcv < version 2 (mmdet v1) checkpoints: ``layerX.Y.conv2_offset.*`` ->
+    ``layerX.Y.conv2.conv_offset.*`` (what ``DeformConv2dPack._load_from_state_dict`` does)."""
+    out = {}
+    for k, v in state.items():
+        m = _LEGACY_OFFSET.match(k)
+        new = f"{m.group(1)}.conv_offset.{m.group(2)}" if m else None
+        out[new if new is not None and new in own and new not in state else k] = v
+    return out
 
 
 def _read_checkpoint(path: str | Path) -> object:
@@ -227,14 +328,23 @@ def load_backbone_weights(
     prefix (then only the ``backbone.*`` keys are used, so a whole detector checkpoint works too).
     A ``module.`` (DataParallel) prefix is stripped. Keys starting with ``ignore_prefixes`` (the
     ImageNet classifier: ``fc.*``, ``classifier.*``) are dropped. Missing ``num_batches_tracked``
-    buffers (old torchvision files) are tolerated; any other missing key, unexpected key or shape
-    mismatch raises ``RuntimeError`` naming the offending keys.
+    buffers (old torchvision files) are tolerated; so are the deformable convolutions' missing
+    ``conv_offset`` keys when the checkpoint has none at all (ImageNet weights into a DCN backbone:
+    the offsets keep their zero init, as mmdetection's non-strict pretrained load leaves them).
+    Any other missing key, unexpected key or shape mismatch raises ``RuntimeError`` naming the
+    offending keys. mmcv's old offset names ``conv2_offset.*`` are read as ``conv2.conv_offset.*``.
     """
     ckpt = path if isinstance(path, Mapping) else _read_checkpoint(path)
     src = "<mapping>" if isinstance(path, Mapping) else str(path)
     state = _extract_state_dict(ckpt, ignore_prefixes)
     own = module.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith(_NUM_BATCHES)]
+    state = _upgrade_offset_keys(state, own)
+    no_offsets = not any(_OFFSET in k for k in state)
+
+    def tolerated(k: str) -> bool:
+        return k.endswith(_NUM_BATCHES) or (no_offsets and _OFFSET in k)
+
+    missing = [k for k in own if k not in state and not tolerated(k)]
     unexpected = [k for k in state if k not in own]
     mismatched = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -251,17 +361,19 @@ def load_backbone_weights(
             lines.append(f"  shape mismatches ({len(mismatched)}): {_fmt(mismatched)}")
         raise RuntimeError("\n".join(lines))
     result = module.load_state_dict(state, strict=False)
-    leftover = [k for k in result.missing_keys if not k.endswith(_NUM_BATCHES)]
+    leftover = [k for k in result.missing_keys if not tolerated(k)]
     if leftover or result.unexpected_keys:  # pragma: no cover - guarded above
         raise RuntimeError(f"backbone weights: missing {leftover}, unexpected {result.unexpected_keys}")
 
 
 # ====================================================================== conv + BN folding
 _BN_TYPES = (_BatchNorm, FrozenBatchNorm2d)
+# deformable convs fold like plain ones (BN acts per output channel after the weighted sum)
+_CONV_TYPES = (nn.Conv2d, DeformConv2d, ModulatedDeformConv2d)
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, _BN_TYPES):
+    if not isinstance(conv, _CONV_TYPES) or not isinstance(bn, _BN_TYPES):
         return False
     if isinstance(bn, _BatchNorm) and (bn.training or bn.running_mean is None):
         return False
@@ -269,7 +381,7 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _fold(conv: nn.Conv2d, bn: nn.Module) -> None:
+def _fold(conv: nn.Module, bn: nn.Module) -> None:
     w = conv.weight
     mean, var = bn.running_mean.to(w.dtype), bn.running_var.to(w.dtype)
     gamma = bn.weight if getattr(bn, "weight", None) is not None else torch.ones_like(mean)
@@ -291,7 +403,8 @@ def fuse_conv_bn(module: nn.Module, *, inplace: bool = False) -> nn.Module:
     returns it (``inplace=True``). Recognised patterns, which cover torchvision's ResNet/ResNeXt
     and MobileNetV2 (and mmdetection's naming):
 
-    * sibling children ``conv{N}`` -> ``bn{N}`` (``conv1``/``bn1``, ... in blocks and the stem),
+    * sibling children ``conv{N}`` -> ``bn{N}`` (``conv1``/``bn1``, ... in blocks and the stem;
+      ``conv2`` may be a deformable convolution, which then gets a bias),
     * consecutive ``nn.Conv2d`` -> BN children of an ``nn.Sequential`` (``downsample``,
       ``Conv2dNormActivation``, MobileNet's projection).
 

@@ -93,40 +93,54 @@ def topk_per_level(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """mmdet's per-level candidate selection on one image's ``(N, C)`` class scores.
 
-    With ``score_thr`` (RetinaNet, sigmoid scores): per level, the (anchor, class) pairs above
-    the threshold, at most ``k`` of them by score.  Without (mmdet's YOLACT): per level, the
-    ``k`` anchors with the highest max class score, every class of them kept.
+    With ``score_thr`` (RetinaNet, mmdet's ``filter_scores_and_topk``): per level, the (anchor,
+    class) pairs above the threshold, at most ``k`` of them by score.  Without: per level the
+    ``k`` anchors of highest max class score (``topk_anchors_per_level``), every class kept.
 
     Returns ``(anchor indices, labels, scores)`` of the candidates (flat over levels).
     """
+    if score_thr is None:
+        anchors = topk_anchors_per_level(scores.max(dim=1).values, counts, k)
+        c = scores.shape[1]
+        rows = anchors[:, None].expand(-1, c).reshape(-1)
+        return rows, torch.arange(c, device=scores.device).repeat(anchors.numel()), scores[anchors].reshape(-1)
     rows, labels, vals = [], [], []
     start = 0
     num_classes = scores.shape[1]
     for count in counts:
-        s = scores[start : start + count]
-        if score_thr is not None:
-            flat = s.reshape(-1)
-            valid = torch.nonzero(flat > score_thr).flatten()
-            v = flat[valid]
-            if 0 < k < v.numel():
-                v, order = v.topk(k)
-                valid = valid[order]
-            else:
-                v, order = v.sort(descending=True)
-                valid = valid[order]
-            rows.append(valid // num_classes + start)
-            labels.append(valid % num_classes)
-            vals.append(v)
+        flat = scores[start : start + count].reshape(-1)
+        passed = flat > score_thr
+        if bool(passed.all()):
+            # every pair passes: flat[nonzero] would be a copy of flat with indices 0..n-1, so
+            # select on flat itself (same values, same order, hence the same top-k)
+            valid, v = None, flat
         else:
-            anchors = torch.arange(count, device=scores.device)
-            if 0 < k < count:
-                _, anchors = s.max(dim=1).values.topk(k)
-            r = (anchors + start)[:, None].expand(-1, num_classes).reshape(-1)
-            rows.append(r)
-            labels.append(torch.arange(num_classes, device=scores.device).repeat(anchors.numel()))
-            vals.append(s[anchors].reshape(-1))
+            valid = torch.nonzero(passed).flatten()
+            v = flat[valid]
+        if 0 < k < v.numel():
+            v, order = v.topk(k)
+        else:
+            v, order = v.sort(descending=True)
+        valid = order if valid is None else valid[order]
+        rows.append(valid // num_classes + start)
+        labels.append(valid % num_classes)
+        vals.append(v)
         start += count
     return torch.cat(rows), torch.cat(labels), torch.cat(vals)
+
+
+def topk_anchors_per_level(max_scores: Tensor, counts: list[int], k: int) -> Tensor:
+    """Per level the ``k`` anchors with the highest ``max_scores`` (mmdet's ``nms_pre`` for softmax
+    heads such as YOLACT): their indices, flat over levels."""
+    rows = []
+    start = 0
+    for count in counts:
+        if 0 < k < count:
+            rows.append(max_scores[start : start + count].topk(k).indices + start)
+        else:
+            rows.append(torch.arange(start, start + count, device=max_scores.device))
+        start += count
+    return torch.cat(rows)
 
 
 def class_nms(

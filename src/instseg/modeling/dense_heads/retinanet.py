@@ -71,6 +71,9 @@ class DenseOutputs:
         return [h * w * a for h, w in self.sizes]
 
 
+ANCHOR_CACHE_SIZE = 8  # anchor sets a dense head keeps (one per input size in use)
+
+
 def conv_tower(in_channels: int, feat_channels: int, depth: int) -> nn.ModuleList:
     """``depth`` 3x3 convs (ReLU applied by the caller), mmcv ``ConvModule`` names (``.conv``)."""
     return nn.ModuleList(ConvWrapper(in_channels if i == 0 else feat_channels, feat_channels, 3) for i in range(depth))
@@ -78,7 +81,8 @@ def conv_tower(in_channels: int, feat_channels: int, depth: int) -> nn.ModuleLis
 
 def run_tower(tower: nn.ModuleList, x: Tensor) -> Tensor:
     for conv in tower:
-        x = F.relu(conv(x))
+        # in place on the fresh conv output: same values, one full-size temporary less per conv
+        x = F.relu(conv(x), inplace=True)
     return x
 
 
@@ -118,6 +122,7 @@ class RetinaHead(nn.Module):
         self.focal_gamma = focal_gamma
         self.loss_bbox = loss_bbox
         self.test = test
+        self._anchor_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def forward(self, feats: Sequence[Tensor]) -> DenseOutputs:
         cls, reg = [], []
@@ -127,10 +132,21 @@ class RetinaHead(nn.Module):
         return DenseOutputs(flatten_levels(cls, self.num_classes), flatten_levels(reg, 4), level_sizes(cls))
 
     def anchors(self, out: DenseOutputs, padded_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """All anchors ``(N, 4)`` and whether each lies in the padded input (mmdet's valid flags)."""
+        """All anchors ``(N, 4)`` and whether each lies in the padded input (mmdet's valid flags).
+
+        Cached per (level sizes, padded size, device): a batch of the usual input size reuses
+        them (callers only index them, never write).  The cache keeps the last
+        ``ANCHOR_CACHE_SIZE`` keys, so multi-scale inputs cannot grow it without bound."""
         device = out.cls.device
+        key = (tuple(out.sizes), tuple(int(v) for v in padded_size), str(device))
+        hit = self._anchor_cache.get(key)
+        if hit is not None:
+            return hit
         anchors = torch.cat(self.anchor_generator.grid_anchors(out.sizes, device))
         valid = torch.cat(self.anchor_generator.valid_flags(out.sizes, padded_size, device))
+        if len(self._anchor_cache) >= ANCHOR_CACHE_SIZE:
+            self._anchor_cache.pop(next(iter(self._anchor_cache)))
+        self._anchor_cache[key] = (anchors, valid)
         return anchors, valid
 
     def loss(self, out: DenseOutputs, batch: ImageBatch, targets: Sequence[ImageTargets]) -> dict[str, Tensor]:
@@ -142,12 +158,14 @@ class RetinaHead(nn.Module):
         cls_terms, box_terms = [], []
         for i, (t, a) in enumerate(zip(targets, assigned)):
             used = a.labels >= 0
-            onehot = torch.zeros_like(out.cls[i][used])
-            fg = a.labels[used] < self.num_classes
-            onehot[torch.nonzero(fg).flatten(), a.labels[used][fg]] = 1.0
+            logits = out.cls[i][used]  # gathered once: (anchors used, C), the focal loss's input
+            onehot = torch.zeros_like(logits)
+            labels = a.labels[used]
+            fg = labels < self.num_classes
+            onehot[torch.nonzero(fg).flatten(), labels[fg]] = 1.0
             cls_terms.append(
                 sigmoid_focal_loss(
-                    out.cls[i][used].float(), onehot.float(), alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+                    logits.float(), onehot.float(), alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
                 )
             )
             pos = a.pos

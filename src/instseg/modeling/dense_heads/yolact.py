@@ -45,8 +45,9 @@ from instseg.modeling.dense_heads.dense import (
     flatten_levels,
     level_sizes,
     loss_normaliser,
-    topk_per_level,
+    topk_anchors_per_level,
 )
+from instseg.ops.nms import fast_nms_dense
 from instseg.modeling.dense_heads.retinanet import DenseOutputs, DenseTestSettings, run_tower
 from instseg.modeling.necks.fpn import ConvWrapper
 from instseg.ops.anchors import AnchorGenerator, YolactPriorGenerator
@@ -94,19 +95,31 @@ class DenseDetections:
 
 @dataclass
 class Candidates:
-    """(anchor, class) candidates of one image before NMS.
+    """The candidate anchors of one image before NMS, with every class's score (YOLACT scores
+    each (anchor, class) pair, but boxes are per anchor, so they are decoded once per anchor).
 
-    ``nms_boxes`` are what NMS compares (official: relative; mmdet: input pixels), ``rel_boxes``
-    the same boxes relative to the input (for the mask crop); ``rows`` the anchor of each;
-    ``second_thr`` the score threshold applied after NMS (mmdet's Fast NMS) or ``None``.
+    ``anchors``: index of each candidate in the image's anchors; ``scores (K, C)`` foreground
+    probabilities; ``nms_boxes (K, 4)`` what NMS compares (official: relative; mmdet: input
+    pixels); ``rel_boxes`` the same relative to the input (for the mask crop); ``pair_thr``: pairs
+    at or below it are dropped before a greedy / soft NMS (the official "traditional" path);
+    ``second_thr``: threshold applied after NMS (mmdet's Fast NMS), or ``None``.
     """
 
+    anchors: Tensor
+    scores: Tensor
     nms_boxes: Tensor
     rel_boxes: Tensor
+    pair_thr: float | None
+    second_thr: float | None
+
+
+@dataclass
+class Selected:
+    """Kept (candidate anchor, class) pairs: ``rows`` index ``Candidates.anchors``."""
+
     rows: Tensor
     labels: Tensor
     scores: Tensor
-    second_thr: float | None
 
 
 class YolactBoxHead(nn.Module):
@@ -212,13 +225,10 @@ def crop_masks(masks: Tensor, boxes: Tensor, padding: int = 1) -> Tensor:
     y2 = torch.clamp(torch.max(by1, by2) + padding, max=h)
     cols = torch.arange(w, device=masks.device, dtype=x1.dtype)[None, None, :]
     rows = torch.arange(h, device=masks.device, dtype=x1.dtype)[None, :, None]
-    keep = (
-        (cols >= x1[:, None, None])
-        & (cols < x2[:, None, None])
-        & (rows >= y1[:, None, None])
-        & (rows < y2[:, None, None])
-    )
-    return masks * keep.to(masks.dtype)
+    col_ok = (cols >= x1[:, None, None]) & (cols < x2[:, None, None])  # (n, 1, w)
+    row_ok = (rows >= y1[:, None, None]) & (rows < y2[:, None, None])  # (n, h, 1)
+    # the 0/1 window as an outer product: one (n, h, w) temporary instead of three
+    return masks * (row_ok.to(masks.dtype) * col_ok.to(masks.dtype))
 
 
 MASK_CHUNK = 16  # instances resampled at once: bounds the dense temporaries for crowded images
@@ -419,61 +429,93 @@ class YolactHead(nn.Module):
         else:
             anchors = self.anchors(out, batch.padded_size)
             cand = self.mmdet_candidates(probs, reg, anchors, out.counts, batch.image_sizes[i])
-        keep, scores = self.select(cand)
-        rel, labels, rows = cand.rel_boxes[keep], cand.labels[keep], cand.rows[keep]
+        sel = self.select(cand)
+        rel = cand.rel_boxes[sel.rows]
         if self.official:
             boxes = official_output_boxes(rel, batch.original_sizes[i])
         else:
-            boxes = rescale_boxes(cand.nms_boxes[keep], batch.scale_factors[i])
-        return DenseDetections(boxes, scores, labels, rel, out.coeffs[i][rows].detach().float())
+            boxes = rescale_boxes(cand.nms_boxes[sel.rows], batch.scale_factors[i])
+        coeffs = out.coeffs[i][cand.anchors[sel.rows]].detach().float()
+        return DenseDetections(boxes, sel.scores, sel.labels, rel, coeffs)
 
-    def official_candidates(self, probs: Tensor, reg: Tensor, rel_priors: Tensor) -> "Candidates":
+    def official_candidates(self, probs: Tensor, reg: Tensor, rel_priors: Tensor) -> Candidates:
         """The official ``Detect``: the anchors whose best foreground score passes ``score_thr``,
         with all their class scores; boxes decoded in coordinates relative to the input.  For
-        the greedy and soft NMS (the official "traditional" path) each class's scores must also
+        the greedy and soft NMS (the official "traditional" path) each pair's score must also
         pass ``score_thr``; Fast NMS sees them all."""
         fg = self.fg_scores(probs)
         kept = torch.nonzero(fg.max(dim=1).values > self.test.score_thr).flatten()
-        c = fg.shape[1]
-        rows = kept[:, None].expand(-1, c).reshape(-1)
-        labels = torch.arange(c, device=fg.device).repeat(kept.numel())
-        vals = fg[kept].reshape(-1)
-        if not self.test.nms.startswith("fast"):
-            ok = vals > self.test.score_thr
-            rows, labels, vals = rows[ok], labels[ok], vals[ok]
-        rel = self.ssd.decode(rel_priors[rows], reg[rows])
-        return Candidates(rel, rel, rows, labels, vals, None)
+        rel = self.ssd.decode(rel_priors[kept], reg[kept])
+        return Candidates(kept, fg[kept], rel, rel, self.test.score_thr, None)
 
     def mmdet_candidates(
         self, probs: Tensor, reg: Tensor, anchors: Tensor, counts: list[int], image_size: tuple[int, int]
-    ) -> "Candidates":
+    ) -> Candidates:
         """mmdet's ``_predict_by_feat_single``: per level the ``nms_pre`` anchors of highest max
         foreground score, all classes; boxes decoded and clipped in input pixels; Fast NMS's
         second threshold at ``score_thr``."""
-        rows, labels, vals = topk_per_level(self.fg_scores(probs), counts, self.test.nms_pre)
+        fg = self.fg_scores(probs)
+        rows = topk_anchors_per_level(fg.max(dim=1).values, counts, self.test.nms_pre)
         h, w = image_size
         boxes = self.delta.decode(anchors[rows], reg[rows], max_shape=(h, w))
-        return Candidates(boxes, boxes / boxes.new_tensor([w, h, w, h]), rows, labels, vals, self.test.score_thr)
+        rel = boxes / boxes.new_tensor([w, h, w, h])
+        return Candidates(rows, fg[rows], boxes, rel, None, self.test.score_thr)
 
-    def select(self, cand: "Candidates") -> tuple[Tensor, Tensor]:
-        """NMS of ``model.nms`` over the candidates: kept candidate indices and scores, best first."""
+    def select(self, cand: Candidates) -> Selected:
+        """NMS of ``model.nms`` over the candidates, then the second threshold and the cap.
+
+        ``fast``: per-class Fast NMS on the dense ``(K, C)`` scores (``fast_nms_dense``);
+        ``fast_cross_class``: one candidate per anchor, its best class (the official
+        ``--cross_class_nms``); otherwise the (anchor, class) pairs go to ``nms_by_method``.
+        """
         ts = self.test
-        return class_nms(
-            cand.nms_boxes, cand.scores, cand.labels, method=ts.nms, iou_threshold=ts.nms_iou, max_num=ts.max_per_img,
-            top_k=ts.nms_top_k, score_thr=cand.second_thr, sigma=ts.soft_nms_sigma, min_score=ts.soft_nms_min_score,
-        )
+        scores, boxes = cand.scores, cand.nms_boxes
+        if ts.nms == "fast":
+            rows, labels, vals = fast_nms_dense(boxes, scores, iou_threshold=ts.nms_iou, top_k=ts.nms_top_k)
+        elif ts.nms == "fast_cross_class":
+            vals, labels = scores.max(dim=1) if scores.numel() else (scores.new_zeros(0), scores.new_zeros(0, dtype=torch.int64))
+            rows, vals = class_nms(boxes, vals, labels, method=ts.nms, iou_threshold=ts.nms_iou, max_num=0, top_k=ts.nms_top_k)
+            labels = labels[rows]
+        else:
+            k, c = scores.shape
+            rows = torch.arange(k, device=scores.device)[:, None].expand(k, c).reshape(-1)
+            labels = torch.arange(c, device=scores.device).repeat(k)
+            vals = scores.reshape(-1)
+            if cand.pair_thr is not None:
+                ok = vals > cand.pair_thr
+                rows, labels, vals = rows[ok], labels[ok], vals[ok]
+            keep, vals = class_nms(
+                boxes[rows], vals, labels, method=ts.nms, iou_threshold=ts.nms_iou, max_num=0, top_k=ts.nms_top_k,
+                sigma=ts.soft_nms_sigma, min_score=ts.soft_nms_min_score,
+            )
+            rows, labels = rows[keep], labels[keep]
+        if cand.second_thr is not None:
+            ok = vals > cand.second_thr
+            rows, labels, vals = rows[ok], labels[ok], vals[ok]
+        if ts.max_per_img > 0:
+            rows, labels, vals = rows[: ts.max_per_img], labels[: ts.max_per_img], vals[: ts.max_per_img]
+        return Selected(rows, labels, vals)
 
     @torch.no_grad()
     def predict_masks(self, prototypes: Tensor, dets: DenseDetections, frame: tuple[int, int]) -> Tensor:
         """``(n, H, W)`` bool masks in the original frame: ``sigmoid(P C^T)`` cropped at prototype
-        resolution with ``dets.crop_boxes``, bilinearly upsampled, thresholded at > ``mask_thr``."""
+        resolution with ``dets.crop_boxes``, bilinearly upsampled, thresholded at > ``mask_thr``.
+
+        As both references: the ``n`` masks are combined and cropped at once, made contiguous
+        ``(n, h, w)`` (``permute(2, 0, 1).contiguous()``) and upsampled as ``(1, n, h, w)``; the
+        upsampling runs ``MASK_CHUNK`` instances at a time (bilinear resampling is per instance, so
+        chunks give the same values) and thresholds straight into the output."""
         n = dets.coeffs.shape[0]
-        out = torch.zeros((n, *frame), dtype=torch.bool, device=prototypes.device)
+        out = torch.empty((n, *frame), dtype=torch.bool, device=prototypes.device)
+        if n == 0:
+            return out
+        # contiguous NCHW input: the plain per-plane kernel (a permuted input would go through the
+        # channels-last kernel plus a layout copy of the full-resolution result, ~3x slower on CPU)
+        probs = self.mask_probs(prototypes, dets.coeffs, dets.crop_boxes).contiguous()
         for start in range(0, n, MASK_CHUNK):
             sl = slice(start, min(n, start + MASK_CHUNK))
-            probs = self.mask_probs(prototypes, dets.coeffs[sl], dets.crop_boxes[sl])
-            up = F.interpolate(probs[None], size=frame, mode="bilinear", align_corners=False)[0]
-            out[sl] = up > self.settings.mask_thr
+            up = F.interpolate(probs[None, sl], size=frame, mode="bilinear", align_corners=False)[0]
+            torch.gt(up, self.settings.mask_thr, out=out[sl])
         return out
 
     @staticmethod

@@ -41,7 +41,7 @@ class TwoStageDetector(Detector):
         *,
         backbone: nn.Module,
         neck: nn.Module,
-        rpn_head: RPNHead,
+        rpn_head: RPNHead | nn.Module,
         roi_head: CascadeRoIHead,
         pad_masks_to_input: bool = False,
     ) -> None:
@@ -55,7 +55,13 @@ class TwoStageDetector(Detector):
         self.pad_masks_to_input = pad_masks_to_input
 
     def _dense_forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """FPN features (NCHW-contiguous, for the RoI heads) and the RPN's logits and deltas."""
+        """FPN features (NCHW-contiguous, for the RoI heads) and the proposal head's two outputs.
+
+        Any proposal head fits (``model.rpn``): ``forward(feats) -> (logits, rest)``,
+        ``loss(logits, rest, image_sizes, gt_boxes)``, ``proposals(logits, rest, image_sizes,
+        settings)`` and ``train_proposals`` / ``test_proposals`` -- ``RPNHead`` (``rest`` = deltas)
+        and ``GARPNHead`` (``rest`` = ``GAOutputs``).
+        """
         feats = self.extract_feats(images)
         logits, deltas = self.rpn_head(feats)
         if self._channels_last:
@@ -105,3 +111,45 @@ class TwoStageDetector(Detector):
         if with_masks and r.mask_probs is not None:
             masks = paste_masks(r.mask_probs, boxes, batch.original_sizes[i], self.roi_head.mask_thr)
         return Detections(boxes=boxes, scores=r.scores, labels=r.labels, masks=masks)
+
+
+class RPNDetector(Detector):
+    """The proposal-only detector (``model.arch=rpn``, mmdet's ``RPN``): backbone -> FPN -> proposal head.
+
+    ``predict`` returns each image's proposals as Detections in the original frame (label 0, the
+    objectness as score, no masks), so they can be scored for recall (``instseg eval`` reports AR).
+    The head is ``bbox_head`` as in mmdet's ``RPN`` (so checkpoints keep their key names);
+    ``rpn_head`` is an alias.
+    """
+
+    def __init__(self, *, backbone: nn.Module, neck: nn.Module, bbox_head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.bbox_head = bbox_head
+
+    @property
+    def rpn_head(self) -> nn.Module:
+        return self.bbox_head
+
+    def loss(self, batch: ImageBatch, targets: Sequence[ImageTargets]) -> dict[str, Tensor]:
+        device = batch.images.device
+        outs = self.bbox_head(self.extract_feats(batch.images))
+        losses = self.bbox_head.loss(*outs, batch.image_sizes, [t.boxes.to(device) for t in targets])
+        losses["loss"] = sum(v for k, v in losses.items() if "loss" in k)
+        return losses
+
+    @torch.no_grad()
+    def predict_proposals(self, batch: ImageBatch) -> tuple[list[Tensor], list[Tensor]]:
+        """Proposals and scores per image in the network-input frame (test settings)."""
+        outs = self.bbox_head(self.extract_feats(batch.images))
+        return self.bbox_head.proposals(*outs, batch.image_sizes, self.bbox_head.test_proposals)
+
+    @torch.no_grad()
+    def predict(self, batch: ImageBatch, *, with_masks: bool = True) -> list[Detections]:
+        boxes, scores = self.predict_proposals(batch)
+        out = []
+        for i, (b, s) in enumerate(zip(boxes, scores)):
+            labels = torch.zeros(s.shape[0], dtype=torch.int64, device=s.device)
+            out.append(Detections(boxes=rescale_boxes(b, batch.scale_factors[i]), scores=s, labels=labels, masks=None))
+        return out
