@@ -2,13 +2,15 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/ga_rpn_ar.py [--minutes 4] [--val-images 0] [--threads 2]
-        [--presets rpn_nuclei_cpu,ga_rpn_nuclei_cpu] [--out benchmarks/results/ga_rpn/ar_nuclei.json]
+    .venv/bin/python benchmarks/ga_rpn_ar.py [--minutes 4 | --iters N] [--val-images 0] [--threads 2]
+        [--presets rpn_nuclei_cpu,ga_rpn_nuclei_cpu] [--set KEY=VALUE ...]
+        [--out benchmarks/results/ga_rpn/ar_nuclei.json]
 
 Each preset (proposal-only models on the same ImageNet MobileNetV2 + 64-channel FPN; the plain RPN
 with 3 anchors of scale 4 per location, the GA-RPN with its one guided anchor and squares of scale
-4) trains for ``--minutes`` of wall clock (``train.max_minutes``; same schedule, seed and data
-order), then its last weights are evaluated on the nuclei val set (all images, or the first
+4) trains for ``--minutes`` of wall clock (``train.max_minutes``) or ``--iters`` iterations (same
+schedule, seed and data order; on a shared machine the wall clock of one model depends on the
+others' load, iterations do not), then its last weights are evaluated on the nuclei val set (all images, or the first
 ``--val-images``): mmdet's ``proposal`` metric (COCOeval, class-agnostic, AR@100/300/1000 and AR by
 size at 1000) and ``proposal_fast``, plus the proposals per image and the test time per image.
 The slides claim +10 AR@1000 for GA-RPN on COCO (mmdet's README: 58.7 -> 68.4 for R-50 caffe, 12
@@ -33,9 +35,14 @@ from instseg.engine.trainer import train
 from instseg.evaluation.proposals import evaluate_proposal_predictions
 
 
-def run_one(name: str, minutes: float, val_images: int, threads: int, runs: Path, sets: list[str]) -> dict:
+def run_one(
+    name: str, minutes: float, iters: int, val_images: int, threads: int, runs: Path, sets: list[str]
+) -> dict:
     cfg = apply_overrides(get_preset(name), [], sets)
-    cfg.train.max_minutes = minutes
+    cfg.train.max_minutes = minutes if iters <= 0 else 0.0
+    if iters > 0:  # the same number of steps for every model (robust on a shared machine), constant lr after warmup
+        cfg.train.max_iters = iters
+        cfg.train.lr_steps = ()
     cfg.train.device = "cpu"
     cfg.train.threads = threads
     cfg.train.eval_interval = 0
@@ -78,6 +85,8 @@ def run_one(name: str, minutes: float, val_images: int, threads: int, runs: Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=4.0, help="training wall clock per model")
+    ap.add_argument("--iters", type=int, default=0,
+                    help="> 0: train every model for this many iterations instead of --minutes")
     ap.add_argument("--val-images", type=int, default=0, help="evaluate on the first N val images (0 = all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--presets", default="rpn_nuclei_cpu,ga_rpn_nuclei_cpu")
@@ -88,11 +97,11 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for name in args.presets.split(","):
-        rows.append(run_one(name, args.minutes, args.val_images, args.threads, Path(args.runs), args.set))
+        rows.append(run_one(name, args.minutes, args.iters, args.val_images, args.threads, Path(args.runs), args.set))
         print(json.dumps(rows[-1]), flush=True)
     record = {
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads",
-        "minutes_per_model": args.minutes,
+        "budget": f"{args.iters} iterations" if args.iters > 0 else f"{args.minutes} minutes",
         "overrides": args.set,
         "rows": rows,
     }

@@ -57,8 +57,11 @@ One-stage, RetinaNet (issue 6: ratio instseg / torchvision <= 1.0 must, <= 0.8 g
   1000 candidates on every level, run class-wise NMS on the 5000 and return 100 boxes.
 * **Inference / training step.** As for Mask R-CNN: ``optimize_for_inference()`` for instseg,
   torchvision as shipped; training = forward + backward + ``SGD(lr=0)`` step on ``--num-gt``
-  random boxes (labels in ``[0, 80)``, torchvision's RetinaNet has no background class), instseg
-  with ``use_channels_last()``.  ``--tv-frozen`` freezes torchvision's BN and stem + layer1 as
+  random boxes (labels in ``[0, 80)``, torchvision's RetinaNet has no background class).
+  instseg trains in its default NCHW layout, as ``instseg train`` does: on CPU, channels-last
+  made RetinaNet's training step slower (its NHWC convolution backward is slower here, about
+  48 s vs 33 s per step on the 2-core VM), unlike Mask R-CNN's; ``--retinanet-train-channels-last``
+  times the NHWC variant instead.  ``--tv-frozen`` freezes torchvision's BN and stem + layer1 as
   for Mask R-CNN (instseg's preset: ``frozen_stages=1, norm_eval=True``).
 
 One-stage, YOLACT vs Mask R-CNN (issue 6 goal: YOLACT >= 3x faster, i.e. ratio <= 0.333):
@@ -72,16 +75,17 @@ One-stage, YOLACT vs Mask R-CNN (issue 6 goal: YOLACT >= 3x faster, i.e. ratio <
   normalisation is not for any model here).
 * **Detections.** Both use score threshold 0.0 and keep 100 detections with masks pasted at the
   full 800x1216 resolution.  YOLACT's official candidates are the anchors whose best softmax
-  foreground score passes ``score_thr``; with 0.0 that is all 19,248 anchors, the most work its
-  Fast NMS can see (random weights would pass the preset's 0.05 too, but trained softmax scores
+  foreground score passes ``score_thr``; with 0.0 that is every anchor (19,248), the most work
+  its Fast NMS can see (random weights would pass the preset's 0.05 too, but trained softmax scores
   mostly do not, so 0.0 is the conservative setting for YOLACT).  YOLACT's timed call includes
   the prototypes, the 100 mask combinations and crops and their upsampling to 800x1216.
 
 Timing: ``--warmup`` untimed calls of each model, then ``--iters`` rounds, each timing one call
 of every model in turn (the order alternates between rounds); reported numbers are medians in ms
-per image and the ratio instseg / reference (lower is better for instseg).  Each comparison
-(Mask R-CNN, RetinaNet, YOLACT) is its own set of interleaved rounds.  On CUDA every timed call
-is bracketed by ``torch.cuda.synchronize()``.
+per image and the ratio instseg / reference (lower is better for instseg); the one-stage
+sections also give the median of the per-round ratios (robust to a shared machine's load
+changing).  Each comparison (Mask R-CNN, RetinaNet, YOLACT) is its own set of interleaved
+rounds.  On CUDA every timed call is bracketed by ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -384,7 +388,7 @@ def bench_retinanet_train(args: argparse.Namespace, device: torch.device, img: T
     targets = [ImageTargets(boxes, labels)]
     tv_img = [(img / 255.0).to(device)]
     tv_targets = [{"boxes": boxes.to(device), "labels": labels.to(device)}]  # classes 0..79, no background
-    ours = build_instseg_retinanet(device).train().use_channels_last()
+    ours = build_instseg_retinanet(device).train().use_channels_last(args.retinanet_train_channels_last)
     tv = build_torchvision_retinanet(device, frozen=args.tv_frozen).train()
     opt_ours, opt_tv = _sgd(ours), _sgd(tv)
 
@@ -448,7 +452,11 @@ def summarise(section: dict[str, dict]) -> dict[str, float]:
 
 
 def summarise_one_stage(section: dict[str, dict], ours: str, ref: str, key: str) -> dict[str, float]:
+    """``key``: ratio of the medians; ``key + "_paired"``: median over rounds of the ratio of the
+    two calls of that round (they run back to back, so slow drifts of a shared machine's load cancel)."""
     out = {key: _ratio(section[ours]["ms"], section[ref]["ms"])}
+    paired = [_ratio(a, b) for a, b in zip(section[ours]["all_ms"], section[ref]["all_ms"])]
+    out[f"{key}_paired"] = _median(paired) if paired else math.nan
     if ours == "instseg_yolact":  # the issue states this one as a speed-up
         out["speedup_yolact_vs_mask_rcnn"] = _ratio(section[ref]["ms"], section[ours]["ms"])
     return out
@@ -467,7 +475,10 @@ _RETINANET_ROWS = (
     ("instseg_retinanet", "instseg RetinaNet R50-FPN"),
     ("torchvision_retinanet", "torchvision RetinaNet R50-FPN"),
 )
-_RETINANET_RATIOS = (("instseg_over_torchvision", "ratio instseg / torchvision", ".3f"),)
+_RETINANET_RATIOS = (
+    ("instseg_over_torchvision", "ratio instseg / torchvision", ".3f"),
+    ("instseg_over_torchvision_paired", "ratio, median of per-round ratios", ".3f"),
+)
 # (results key, model rows, ratio rows), in print order
 TABLE = (
     ("inference", _MASK_RCNN_ROWS, _MASK_RCNN_RATIOS),
@@ -479,6 +490,7 @@ TABLE = (
         (("instseg_yolact", "instseg YOLACT-550 R50-FPN"), ("instseg_mask_rcnn", "instseg Mask R-CNN R50-FPN 800x1216")),
         (
             ("yolact_over_mask_rcnn", "ratio YOLACT / Mask R-CNN", ".3f"),
+            ("yolact_over_mask_rcnn_paired", "ratio, median of per-round ratios", ".3f"),
             ("speedup_yolact_vs_mask_rcnn", "speed-up YOLACT vs Mask R-CNN (x)", ".2f"),
         ),
     ),
@@ -525,6 +537,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-retinanet", action="store_true", help="one-stage: leave the RetinaNet comparison out")
     p.add_argument("--skip-yolact", action="store_true", help="one-stage: leave the YOLACT comparison out")
     p.add_argument(
+        "--retinanet-train-channels-last", action="store_true",
+        help="one-stage: train instseg's RetinaNet channels-last (default: NCHW, as instseg train does)",
+    )
+    p.add_argument(
         "--tv-frozen", action="store_true",
         help="give torchvision frozen BN and a frozen stem+layer1, as instseg's preset trains",
     )
@@ -558,6 +574,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     two_stage = args.family in ("two-stage", "all")
     one_stage = args.family in ("one-stage", "all")
+    if one_stage:
+        results["retinanet_train_channels_last"] = args.retinanet_train_channels_last
     if two_stage and not args.skip_inference:
         results["inference"] = bench_inference(args, device, img)
         results["inference_ratios"] = summarise(results["inference"])

@@ -214,3 +214,13 @@ def test_cli_eval_reports_recall_for_an_rpn_model(tmp_path, write_coco, capsys):
     for k in ("AR@100", "AR@300", "AR@1000", "AR_s@1000", "AR_m@1000", "AR_l@1000", "fast_AR@1000"):
         assert k in metrics
     assert 0.0 <= metrics["AR@1000"] <= 1.0
+
+
+def test_unknown_proposal_head_or_loc_mode_is_a_config_error():
+    cfg = tiny_config("mask_rcnn", rpn="ga_rpm")
+    with pytest.raises(ValueError, match="model.rpn"):
+        build_model(cfg)
+    cfg = tiny_config("mask_rcnn", rpn="ga_rpn")
+    cfg.ga_rpn.loc_loss_mode = "inverted"
+    with pytest.raises(ValueError, match="loc_loss_mode"):
+        build_model(cfg)
