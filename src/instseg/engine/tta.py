@@ -26,7 +26,7 @@ from torch import Tensor
 
 from instseg.data.collate import collate
 from instseg.data.transforms import Normalize, Resize, flip_sample
-from instseg.ops.boxes import flip_boxes
+from instseg.ops.boxes import flip_boxes, rescale_boxes
 from instseg.ops.nms import batched_nms, multiclass_nms
 from instseg.structures.instances import Detections, ImageBatch
 from instseg.structures.masks import paste_masks
@@ -98,7 +98,7 @@ class TestTimeAugmentation:
     def _to_original(boxes: Tensor, batch: ImageBatch, i: int, flipped: bool) -> Tensor:
         if flipped:
             boxes = flip_boxes(boxes, batch.image_sizes[i][1])
-        return boxes / batch.scale_factors[i].to(boxes).repeat(2)[None]
+        return rescale_boxes(boxes, batch.scale_factors[i])
 
     @staticmethod
     def _to_view(boxes: Tensor, batch: ImageBatch, i: int, flipped: bool) -> Tensor:

@@ -11,7 +11,8 @@ import math
 from torch import nn
 
 from instseg.config.schema import ModelConfig
-from instseg.modeling.dense_heads.retinanet import DenseTestSettings, RetinaHead
+from instseg.modeling.dense_heads.dense import DenseTestSettings
+from instseg.modeling.dense_heads.retinanet import RetinaHead
 from instseg.modeling.dense_heads.yolact import FLAVORS as YOLACT_FLAVORS
 from instseg.modeling.dense_heads.yolact import YolactBoxHead, YolactHead, YolactProtonet, YolactSettings
 from instseg.modeling.detectors.base import Detector
@@ -82,6 +83,11 @@ def _rpn_loss_name(kind: str) -> str:
     return {"l1": "l1", "smooth_l1": "smooth_l1_rpn"}[kind]
 
 
+def octave_scales(base: float, per_octave: int) -> list[float]:
+    """mmdet's ``octave_base_scale`` / ``scales_per_octave`` anchor scales: ``base * 2 ** (i / n)``."""
+    return [base * 2 ** (i / per_octave) for i in range(per_octave)]
+
+
 def build_rpn(cfg: ModelConfig) -> nn.Module:
     """The proposal head named by ``model.rpn``: ``rpn`` (RPNHead) or ``ga_rpn`` (GARPNHead)."""
     if cfg.rpn == "ga_rpn":
@@ -107,7 +113,7 @@ def build_ga_rpn(cfg: ModelConfig) -> nn.Module:
     from instseg.ops.ga_targets import ApproxMaxIoUAssigner, wh_ratio_clamp
 
     gc = cfg.ga_rpn
-    scales = [gc.octave_base_scale * 2 ** (i / gc.scales_per_octave) for i in range(gc.scales_per_octave)]
+    scales = octave_scales(gc.octave_base_scale, gc.scales_per_octave)
     return GARPNHead(
         in_channels=cfg.fpn_channels,
         feat_channels=cfg.fpn_channels,
@@ -223,7 +229,7 @@ def build_retinanet(cfg: ModelConfig) -> OneStageDetector:
     """mmdet's RetinaNet: FPN P3-P7 (P6 from C5), RetinaHead, focal loss, MaxIoU 0.5 / 0.4."""
     rc = cfg.retinanet
     backbone = build_backbone(cfg)
-    scales = [rc.octave_base_scale * 2 ** (i / rc.scales_per_octave) for i in range(rc.scales_per_octave)]
+    scales = octave_scales(rc.octave_base_scale, rc.scales_per_octave)
     head = RetinaHead(
         num_classes=cfg.num_classes,
         in_channels=cfg.fpn_channels,
@@ -315,7 +321,7 @@ def build_rdsnet(cfg: ModelConfig) -> OneStageDetector:
 
     rc = cfg.rdsnet
     backbone = build_backbone(cfg)
-    scales = [rc.octave_base_scale * 2 ** (i / rc.scales_per_octave) for i in range(rc.scales_per_octave)]
+    scales = octave_scales(rc.octave_base_scale, rc.scales_per_octave)
     bbox_head = RDSNetHead(
         num_classes=cfg.num_classes,
         in_channels=cfg.fpn_channels,

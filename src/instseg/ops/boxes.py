@@ -40,3 +40,9 @@ def flip_boxes(boxes: Tensor, width: int) -> Tensor:
     out[:, 0] = width - boxes[:, 2]
     out[:, 2] = width - boxes[:, 0]
     return out
+
+
+def larger_than(boxes: Tensor, min_size: float) -> Tensor:
+    """Mask of the XYXY boxes whose width AND height exceed ``min_size`` (mmdet's ``min_bbox_size``
+    filter; with 0 it drops degenerate boxes)."""
+    return ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from torchvision.ops import sigmoid_focal_loss
+
 from instseg.ops.nms import nms_by_method
 from instseg.structures.instances import ImageTargets
 
@@ -83,6 +85,18 @@ def assign_anchors(
     return AnchorTargets(labels, gt_inds)
 
 
+def focal_cls_loss(logits: Tensor, a: AnchorTargets, num_classes: int, *, alpha: float, gamma: float) -> Tensor:
+    """Summed sigmoid focal loss (``torchvision.ops.sigmoid_focal_loss``) of one image's ``(N, C)``
+    class logits over its non-ignored anchors: one-hot targets for positives, all-zero for
+    negatives (RetinaNet, RDSNet's object stream)."""
+    used = a.labels >= 0
+    x = logits[used].float()
+    onehot = torch.zeros_like(x)
+    fg = a.labels[used] < num_classes
+    onehot[torch.nonzero(fg).flatten(), a.labels[used][fg]] = 1.0
+    return sigmoid_focal_loss(x, onehot, alpha=alpha, gamma=gamma, reduction="sum")
+
+
 def loss_normaliser(targets: list[AnchorTargets]) -> float:
     """Positives in the batch, at least one (what the dense losses divide by)."""
     return float(max(sum(t.num_pos for t in targets), 1))
@@ -143,30 +157,34 @@ def topk_anchors_per_level(max_scores: Tensor, counts: list[int], k: int) -> Ten
     return torch.cat(rows)
 
 
+@dataclass
+class DenseTestSettings:
+    """Test-time settings of a dense head (mmdet's ``test_cfg``; ``model.*`` in the config)."""
+
+    nms_pre: int = 1000
+    score_thr: float = 0.05
+    nms: str = "hard"
+    nms_iou: float = 0.5
+    nms_top_k: int = 200
+    max_per_img: int = 100
+    min_bbox_size: float = 0.0
+    soft_nms_sigma: float = 0.5
+    soft_nms_min_score: float = 1e-3
+
+
 def class_nms(
-    boxes: Tensor,
-    scores: Tensor,
-    labels: Tensor,
-    *,
-    method: str,
-    iou_threshold: float,
-    max_num: int,
-    top_k: int = 200,
-    score_thr: float | None = None,
-    sigma: float = 0.5,
-    min_score: float = 1e-3,
+    boxes: Tensor, scores: Tensor, labels: Tensor, ts: DenseTestSettings, *, max_num: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """NMS of ``model.nms`` on candidate triples, then an optional score threshold on the
-    survivors (Fast NMS's "second threshold") and the per-image cap ``max_num``.
+    """The NMS of ``ts.nms`` (``model.nms``) on candidate triples, then the per-image cap
+    (``ts.max_per_img`` unless ``max_num`` is given; 0 = no cap).
 
     Returns ``(kept candidate indices, their scores)``, best first.
     """
     keep, out_scores = nms_by_method(
-        boxes, scores, labels, method=method, iou_threshold=iou_threshold, top_k=top_k, sigma=sigma, min_score=min_score
+        boxes, scores, labels, method=ts.nms, iou_threshold=ts.nms_iou, top_k=ts.nms_top_k,
+        sigma=ts.soft_nms_sigma, min_score=ts.soft_nms_min_score,
     )
-    if score_thr is not None:
-        ok = out_scores > score_thr
-        keep, out_scores = keep[ok], out_scores[ok]
-    if max_num > 0:
-        keep, out_scores = keep[:max_num], out_scores[:max_num]
+    cap = ts.max_per_img if max_num is None else max_num
+    if cap > 0:
+        keep, out_scores = keep[:cap], out_scores[:cap]
     return keep, out_scores

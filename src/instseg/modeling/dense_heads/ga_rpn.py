@@ -49,10 +49,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
+from instseg.modeling.dense_heads.dense import flatten_levels
 from instseg.modeling.dense_heads.rpn import ProposalSettings
 from instseg.ops.anchors import AnchorGenerator, inside_flags
 from instseg.ops.assigner import MaxIoUAssigner
 from instseg.ops.box_coder import DeltaXYWHCoder
+from instseg.ops.boxes import larger_than
 from instseg.ops.ga_targets import (
     AVG_EPS,
     ApproxMaxIoUAssigner,
@@ -346,9 +348,7 @@ class GARPNHead(nn.Module):
                     scores, order = scores.topk(settings.pre_nms, sorted=True)
                     shape, d, sq = shape[order], d[order], sq[order]
                 boxes = self.bbox_coder.decode(self.guided_anchors(sq, shape), d, max_shape=size)
-                w = boxes[:, 2] - boxes[:, 0]
-                h = boxes[:, 3] - boxes[:, 1]
-                ok = (w > settings.min_size) & (h > settings.min_size)
+                ok = larger_than(boxes, settings.min_size)
                 lvl_boxes.append(boxes[ok])
                 lvl_scores.append(scores[ok])
                 lvl_ids.append(torch.full((int(ok.sum()),), lvl, dtype=torch.int64, device=scores.device))
@@ -400,9 +400,9 @@ class GARPNHead(nn.Module):
         approxs = torch.cat(self.approx_generator.grid_anchors(feat_sizes, device)).view(
             -1, self.approxs_per_octave, 4
         )
-        flat_logits = torch.cat([x.permute(0, 2, 3, 1).reshape(num_images, -1) for x in logits], dim=1)
-        flat_deltas = torch.cat([x.permute(0, 2, 3, 1).reshape(num_images, -1, 4) for x in rest.deltas], dim=1)
-        flat_shapes = torch.cat([x.permute(0, 2, 3, 1).reshape(num_images, -1, 2) for x in rest.shapes], dim=1)
+        flat_logits = flatten_levels(logits, 1)[..., 0]
+        flat_deltas = flatten_levels(rest.deltas, 4)
+        flat_shapes = flatten_levels(rest.shapes, 2)
 
         shape_terms, cls_terms, box_terms = [], [], []
         ga_avg = 0

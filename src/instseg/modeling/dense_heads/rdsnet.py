@@ -55,17 +55,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import sigmoid_focal_loss
 
 from instseg.modeling.dense_heads.dense import (
     AnchorTargets,
+    DenseTestSettings,
     assign_anchors,
+    focal_cls_loss,
     class_nms,
     flatten_levels,
     level_sizes,
     topk_per_level,
 )
-from instseg.modeling.dense_heads.retinanet import DenseOutputs, DenseTestSettings
+from instseg.modeling.dense_heads.retinanet import DenseOutputs
 from instseg.modeling.dense_heads.yolact import resample_masks
 from instseg.ops.anchors import AnchorGenerator
 from instseg.ops.assigner import MaxIoUAssigner
@@ -290,13 +291,8 @@ class RDSNetHead(nn.Module):
         avg = float(sum(max(a.num_pos, 1) for a in assigned))  # mmdet v1's num_total_pos
         cls_terms, box_terms = [], []
         for i, (t, a) in enumerate(zip(targets, assigned)):
-            used = a.labels >= 0
-            logits = out.cls[i][used].float()
-            onehot = torch.zeros_like(logits)
-            fg = a.labels[used] < self.num_classes
-            onehot[torch.nonzero(fg).flatten(), a.labels[used][fg]] = 1.0
             cls_terms.append(
-                sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
+                focal_cls_loss(out.cls[i], a, self.num_classes, alpha=self.focal_alpha, gamma=self.focal_gamma)
             )
             pos = a.pos
             if pos.numel():
@@ -324,10 +320,7 @@ class RDSNetHead(nn.Module):
             v1 = self.decode_v1(anchors[rows], out.reg[i][rows].detach().float(), size)
             sf = batch.scale_factors[i].to(v1)
             boxes = from_v1(v1 / sf.repeat(2)[None])  # v1 rescales the inclusive box
-            keep, kept = class_nms(
-                boxes, vals, labels, method=ts.nms, iou_threshold=ts.nms_iou, max_num=ts.max_per_img, top_k=ts.nms_top_k,
-                sigma=ts.soft_nms_sigma, min_score=ts.soft_nms_min_score,
-            )
+            keep, kept = class_nms(boxes, vals, labels, ts)
             results.append(RDSNetDetections(boxes[keep], kept, labels[keep], out.reps[i][rows[keep]].detach().float()))
         return results
 

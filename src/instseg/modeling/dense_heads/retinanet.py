@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import sigmoid_focal_loss
 
 from instseg.modeling.dense_heads.dense import (
+    DenseTestSettings,
     assign_anchors,
+    focal_cls_loss,
     class_nms,
     flatten_levels,
     level_sizes,
@@ -37,24 +38,9 @@ from instseg.modeling.necks.fpn import ConvWrapper
 from instseg.ops.anchors import AnchorGenerator
 from instseg.ops.assigner import MaxIoUAssigner
 from instseg.ops.box_coder import DeltaXYWHCoder
-from instseg.ops.boxes import rescale_boxes
+from instseg.ops.boxes import larger_than, rescale_boxes
 from instseg.ops.losses import box_regression_loss
 from instseg.structures.instances import ImageBatch, ImageTargets
-
-
-@dataclass
-class DenseTestSettings:
-    """Test-time settings of a dense head (mmdet's ``test_cfg``)."""
-
-    nms_pre: int = 1000
-    score_thr: float = 0.05
-    nms: str = "hard"
-    nms_iou: float = 0.5
-    nms_top_k: int = 200
-    max_per_img: int = 100
-    min_bbox_size: float = 0.0
-    soft_nms_sigma: float = 0.5
-    soft_nms_min_score: float = 1e-3
 
 
 @dataclass
@@ -157,16 +143,8 @@ class RetinaHead(nn.Module):
         avg = loss_normaliser(assigned)
         cls_terms, box_terms = [], []
         for i, (t, a) in enumerate(zip(targets, assigned)):
-            used = a.labels >= 0
-            logits = out.cls[i][used]  # gathered once: (anchors used, C), the focal loss's input
-            onehot = torch.zeros_like(logits)
-            labels = a.labels[used]
-            fg = labels < self.num_classes
-            onehot[torch.nonzero(fg).flatten(), labels[fg]] = 1.0
             cls_terms.append(
-                sigmoid_focal_loss(
-                    logits.float(), onehot.float(), alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
-                )
+                focal_cls_loss(out.cls[i], a, self.num_classes, alpha=self.focal_alpha, gamma=self.focal_gamma)
             )
             pos = a.pos
             if pos.numel():
@@ -188,11 +166,8 @@ class RetinaHead(nn.Module):
             boxes = self.coder.decode(anchors[rows], out.reg[i][rows].detach().float(), max_shape=size)
             # like mmdet, NMS runs on the boxes mapped back to the original image
             boxes = rescale_boxes(boxes, batch.scale_factors[i])
-            ok = ((boxes[:, 2] - boxes[:, 0]) > ts.min_bbox_size) & ((boxes[:, 3] - boxes[:, 1]) > ts.min_bbox_size)
+            ok = larger_than(boxes, ts.min_bbox_size)
             boxes, vals, labels = boxes[ok], vals[ok], labels[ok]
-            keep, kept_scores = class_nms(
-                boxes, vals, labels, method=ts.nms, iou_threshold=ts.nms_iou, max_num=ts.max_per_img, top_k=ts.nms_top_k,
-                sigma=ts.soft_nms_sigma, min_score=ts.soft_nms_min_score,
-            )
+            keep, kept_scores = class_nms(boxes, vals, labels, ts)
             results.append((boxes[keep], kept_scores, labels[keep]))
         return results

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from instseg.modeling.dense_heads.dense import flatten_levels
 from instseg.ops.anchors import AnchorGenerator, inside_flags
 from instseg.ops.assigner import MaxIoUAssigner
 from instseg.ops.box_coder import DeltaXYWHCoder
+from instseg.ops.boxes import larger_than
 from instseg.ops.losses import box_regression_loss
 from instseg.ops.nms import batched_nms
 from instseg.ops.sampler import RandomSampler
@@ -103,9 +105,7 @@ class RPNHead(nn.Module):
             boxes = torch.cat(lvl_boxes)
             scores = torch.cat(lvl_scores)
             ids = torch.cat(lvl_ids)
-            w = boxes[:, 2] - boxes[:, 0]
-            h = boxes[:, 3] - boxes[:, 1]
-            ok = (w > settings.min_size) & (h > settings.min_size)
+            ok = larger_than(boxes, settings.min_size)
             boxes, scores, ids = boxes[ok], scores[ok], ids[ok]
             keep = batched_nms(boxes, scores, ids, settings.nms_iou)[: settings.post_nms]
             boxes_out.append(boxes[keep])
@@ -125,8 +125,8 @@ class RPNHead(nn.Module):
         feat_sizes = [tuple(x.shape[-2:]) for x in logits]
         anchors = torch.cat(self.anchor_generator.grid_anchors(feat_sizes, device))
         num_images = logits[0].shape[0]
-        flat_logits = torch.cat([x.permute(0, 2, 3, 1).reshape(num_images, -1) for x in logits], dim=1)
-        flat_deltas = torch.cat([x.permute(0, 2, 3, 1).reshape(num_images, -1, 4) for x in deltas], dim=1)
+        flat_logits = flatten_levels(logits, 1)[..., 0]
+        flat_deltas = flatten_levels(deltas, 4)
         cls_terms, box_terms = [], []
         avg_factor = 0
         # like mmdet v3, anchor validity is judged against the padded batch shape ("pad_shape");

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from instseg.modeling.dense_heads.dense import (
     AnchorTargets,
+    DenseTestSettings,
     assign_anchors,
     class_nms,
     flatten_levels,
@@ -48,7 +49,7 @@ from instseg.modeling.dense_heads.dense import (
     topk_anchors_per_level,
 )
 from instseg.ops.nms import fast_nms_dense
-from instseg.modeling.dense_heads.retinanet import DenseOutputs, DenseTestSettings, run_tower
+from instseg.modeling.dense_heads.retinanet import DenseOutputs, run_tower
 from instseg.modeling.necks.fpn import ConvWrapper
 from instseg.ops.anchors import AnchorGenerator, YolactPriorGenerator
 from instseg.ops.box_coder import DeltaXYWHCoder, SSDCoder
@@ -419,16 +420,17 @@ class YolactHead(nn.Module):
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict_boxes(self, out: YolactOutputs, batch: ImageBatch) -> list[DenseDetections]:
-        return [self._predict_one(out, i, batch) for i in range(out.cls.shape[0])]
+        # the batch shares one set of priors (official: relative; mmdet: input pixels)
+        priors = self.relative_priors(out) if self.official else self.anchors(out, batch.padded_size)
+        return [self._predict_one(out, i, batch, priors) for i in range(out.cls.shape[0])]
 
-    def _predict_one(self, out: YolactOutputs, i: int, batch: ImageBatch) -> DenseDetections:
+    def _predict_one(self, out: YolactOutputs, i: int, batch: ImageBatch, priors: Tensor) -> DenseDetections:
         probs = out.cls[i].detach().float().softmax(dim=-1)
         reg = out.reg[i].detach().float()
         if self.official:
-            cand = self.official_candidates(probs, reg, self.relative_priors(out))
+            cand = self.official_candidates(probs, reg, priors)
         else:
-            anchors = self.anchors(out, batch.padded_size)
-            cand = self.mmdet_candidates(probs, reg, anchors, out.counts, batch.image_sizes[i])
+            cand = self.mmdet_candidates(probs, reg, priors, out.counts, batch.image_sizes[i])
         sel = self.select(cand)
         rel = cand.rel_boxes[sel.rows]
         if self.official:
@@ -474,7 +476,7 @@ class YolactHead(nn.Module):
             rows, labels, vals = fast_nms_dense(boxes, scores, iou_threshold=ts.nms_iou, top_k=ts.nms_top_k)
         elif ts.nms == "fast_cross_class":
             vals, labels = scores.max(dim=1) if scores.numel() else (scores.new_zeros(0), scores.new_zeros(0, dtype=torch.int64))
-            rows, vals = class_nms(boxes, vals, labels, method=ts.nms, iou_threshold=ts.nms_iou, max_num=0, top_k=ts.nms_top_k)
+            rows, vals = class_nms(boxes, vals, labels, ts, max_num=0)
             labels = labels[rows]
         else:
             k, c = scores.shape
@@ -484,10 +486,7 @@ class YolactHead(nn.Module):
             if cand.pair_thr is not None:
                 ok = vals > cand.pair_thr
                 rows, labels, vals = rows[ok], labels[ok], vals[ok]
-            keep, vals = class_nms(
-                boxes[rows], vals, labels, method=ts.nms, iou_threshold=ts.nms_iou, max_num=0, top_k=ts.nms_top_k,
-                sigma=ts.soft_nms_sigma, min_score=ts.soft_nms_min_score,
-            )
+            keep, vals = class_nms(boxes[rows], vals, labels, ts, max_num=0)
             rows, labels = rows[keep], labels[keep]
         if cand.second_thr is not None:
             ok = vals > cand.second_thr

@@ -14,6 +14,13 @@ from torch import Tensor, nn
 from instseg.structures.instances import Detections, ImageBatch, ImageTargets
 
 
+def total_loss(losses: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Adds ``loss``: the sum of every entry whose name contains ``loss`` (what mmdetection's
+    ``parse_losses`` back-propagates; metrics such as ``acc`` are left out)."""
+    losses["loss"] = sum(v for k, v in losses.items() if "loss" in k)
+    return losses
+
+
 class Detector(nn.Module):
     """Base of the one- and two-stage detectors: ``backbone`` + ``neck`` plus heads."""
 

@@ -20,14 +20,8 @@ from torch import Tensor, nn
 from instseg.modeling.dense_heads.dense import drop_degenerate
 from instseg.modeling.dense_heads.retinanet import RetinaHead
 from instseg.modeling.dense_heads.yolact import YolactHead, YolactProtonet
-from instseg.modeling.detectors.base import Detector
+from instseg.modeling.detectors.base import Detector, total_loss
 from instseg.structures.instances import Detections, ImageBatch, ImageTargets
-
-
-def total_loss(losses: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Adds ``loss``: the sum of every entry whose name contains ``loss`` (mmdet's parse_losses)."""
-    losses["loss"] = sum(v for k, v in losses.items() if "loss" in k)
-    return losses
 
 
 class OneStageDetector(Detector):

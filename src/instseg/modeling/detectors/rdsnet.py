@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from instseg.modeling.dense_heads.dense import drop_degenerate
 from instseg.modeling.dense_heads.rdsnet import RDSNetHead, RDSNetMaskLogic, RDSNetPixelHead
-from instseg.modeling.detectors.one_stage import OneStageDetector, total_loss
+from instseg.modeling.detectors.base import total_loss
+from instseg.modeling.detectors.one_stage import OneStageDetector
 from instseg.modeling.refiners.mbrm import MBRM
 from instseg.ops.boxes import box_iou
 from instseg.structures.instances import Detections, ImageBatch, ImageTargets

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from instseg.modeling.dense_heads.rpn import RPNHead
-from instseg.modeling.detectors.base import Detector
+from instseg.modeling.detectors.base import Detector, total_loss
 from instseg.modeling.roi_heads.cascade import CascadeRoIHead, RoIPredictions
 from instseg.ops.boxes import rescale_boxes
 from instseg.structures.instances import Detections, ImageBatch, ImageTargets
@@ -81,8 +81,7 @@ class TwoStageDetector(Detector):
         losses = self.rpn_head.loss(logits, deltas, batch.image_sizes, [t.boxes for t in targets])
         proposals, _ = self.rpn_head.proposals(logits, deltas, batch.image_sizes, self.rpn_head.train_proposals)
         losses.update(self.roi_head.loss(feats, proposals, targets, batch.image_sizes))
-        losses["loss"] = sum(v for k, v in losses.items() if "loss" in k)
-        return losses
+        return total_loss(losses)
 
     @torch.no_grad()
     def predict_raw(self, batch: ImageBatch, *, with_masks: bool = True) -> Intermediates:
@@ -136,8 +135,7 @@ class RPNDetector(Detector):
         device = batch.images.device
         outs = self.bbox_head(self.extract_feats(batch.images))
         losses = self.bbox_head.loss(*outs, batch.image_sizes, [t.boxes.to(device) for t in targets])
-        losses["loss"] = sum(v for k, v in losses.items() if "loss" in k)
-        return losses
+        return total_loss(losses)
 
     @torch.no_grad()
     def predict_proposals(self, batch: ImageBatch) -> tuple[list[Tensor], list[Tensor]]:
