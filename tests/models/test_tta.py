@@ -9,7 +9,7 @@ from instseg.data.coco import ImageMeta, Sample
 from instseg.data.transforms import Normalize, Resize
 from instseg.data.collate import collate
 from instseg.engine.tta import CHALLENGE_SCALES, TestTimeAugmentation, TTASettings, parse_tta
-from instseg.config.schema import DataConfig
+from instseg.config.schema import DataConfig, ModelConfig
 from instseg.modeling.zoo import build_model
 from instseg.structures import ImageTargets
 
@@ -136,3 +136,45 @@ def test_tta_model_reads_raw_padded_batches(model):
     a = TTAModel(model, settings).predict(batch)[0]
     b = TestTimeAugmentation(model, settings).predict([_sample(image)])[0]
     _same(a, b, atol=0)
+
+
+def test_cli_predict_with_tta(tmp_path):
+    """``instseg predict --tta flip`` runs the wrapped model end to end on an image file; asking
+    for TTA on a one-stage model is a one-line error (exit 2)."""
+    import json
+
+    from PIL import Image
+
+    from instseg.cli import main
+    from instseg.config.schema import Config
+    from instseg.convert.mmdet import package_checkpoint, write_checkpoint
+    from instseg.data.transforms import rescale_size
+
+    from .tiny import tiny_config
+
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.model = tiny_config("mask_rcnn", score_thr=0.0, max_per_img=20)
+    cfg.data.scale = (160, 120)
+    ckpt = write_checkpoint(
+        package_checkpoint(build_model(cfg.model).state_dict(), cfg, [1, 2, 3, 4], list("abcd"), {}), tmp_path / "m.pt"
+    )
+    image = tmp_path / "x.png"
+    Image.fromarray((_image(5, 90, 120).permute(1, 2, 0).numpy()).astype("uint8")).save(image)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(ckpt), "--images", str(image), "--out", str(out),
+                 "--tta", "flip", "--score-thr", "0", "--device", "cpu"]) == 0
+    results = json.loads((out / "predictions.json").read_text())
+    assert 0 < len(results) <= 20
+    assert all(r["bbox"][0] + r["bbox"][2] <= 120 + 1e-3 for r in results)  # original frame, not 160 px
+    assert rescale_size(120, 90, (160, 120))[0] == (160, 120)  # the view really was resized
+    assert main(["predict", "--checkpoint", str(ckpt), "--images", str(image), "--out", str(out), "--tta", "big"]) == 2
+
+    yolact_cfg = Config()
+    yolact_cfg.model = ModelConfig(arch="yolact", backbone="resnet18", num_classes=4, fpn_channels=32)
+    yolact_cfg.model.yolact.head_channels = yolact_cfg.model.yolact.proto_channels = 32
+    y = write_checkpoint(
+        package_checkpoint(build_model(yolact_cfg.model).state_dict(), yolact_cfg, [1, 2, 3, 4], list("abcd"), {}),
+        tmp_path / "y.pt",
+    )
+    assert main(["predict", "--checkpoint", str(y), "--images", str(image), "--out", str(out), "--tta", "flip"]) == 2
