@@ -121,3 +121,39 @@ def test_build_dataset_semantic_modes(small_cfg):
         build_dataset(DataConfig(), "val")
     with pytest.raises(ValueError):
         build_dataset(small_cfg, "test")
+
+
+# ----------------------------------------------------------------------------- distributed shards
+
+
+@pytest.mark.parametrize("world_size,batch_size", [(2, 1), (2, 2), (3, 2), (4, 1)])
+def test_ranks_split_each_total_batch(world_size, batch_size):
+    """Rank r's step k is its slice of the total batch k of one process with the total batch size,
+    so the images of a step do not depend on how the total batch is split over processes."""
+    total = world_size * batch_size
+    single = GroupedBatchSampler(RATIOS, total, seed=2)
+    single.set_epoch(5)
+    ranks = [GroupedBatchSampler(RATIOS, batch_size, seed=2, rank=r, world_size=world_size) for r in range(world_size)]
+    for s in ranks:
+        s.set_epoch(5)
+    per_rank = [list(s) for s in ranks]
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == len(single) == -(-13 // total)
+    for k, whole in enumerate(single):
+        joined = [i for r in range(world_size) for i in per_rank[r][k]]
+        # every rank gets batch_size images every step; the short last total batch is filled up
+        assert all(len(per_rank[r][k]) == batch_size for r in range(world_size))
+        assert joined[: len(whole)] == whole
+    covered = {i for b in per_rank for batch in b for i in batch}
+    assert covered == set(range(13))
+
+
+def test_distributed_resume_and_drop_last():
+    a = GroupedBatchSampler(RATIOS, 2, seed=7, rank=1, world_size=2)
+    a.set_epoch(2)
+    b = GroupedBatchSampler(RATIOS, 2, seed=7, rank=1, world_size=2)
+    b.set_epoch(2, start_batch=2)
+    assert list(b) == list(a)[2:] and len(b) == len(a) - 2
+    d = GroupedBatchSampler(RATIOS, 2, seed=7, rank=0, world_size=2, drop_last=True)
+    assert len(list(d)) == len(d) == 3 and all(len(x) == 2 for x in d)
+    with pytest.raises(ValueError, match="rank"):
+        GroupedBatchSampler(RATIOS, 2, rank=2, world_size=2)

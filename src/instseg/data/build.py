@@ -57,15 +57,29 @@ def build_dataset(
     )
 
 
-def build_train_loader(cfg: DataConfig, dataset: Dataset, *, seed: int, epoch: int, start_batch: int = 0) -> DataLoader:
+def build_train_loader(
+    cfg: DataConfig,
+    dataset: Dataset,
+    *,
+    seed: int,
+    epoch: int,
+    start_batch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
     """The loader of one training epoch: aspect-ratio grouped shuffled batches, deterministic in
     ``(seed, epoch)``; ``start_batch`` skips the batches already done (resume).  Bad images are
-    skipped with a warning (``SkipBadSamples``) unless ``cfg.strict``.  Build one per epoch."""
+    skipped with a warning (``SkipBadSamples``) unless ``cfg.strict``.  Build one per epoch.
+
+    Distributed: ``cfg.batch_size`` images per process; process ``rank`` of ``world_size`` gets its
+    slice of each total batch (``GroupedBatchSampler``)."""
     base = dataset.dataset if isinstance(dataset, SkipBadSamples) else dataset
     if hasattr(base, "set_epoch"):
         base.set_epoch(epoch, seed=seed)
     ds = base if cfg.strict else SkipBadSamples(base)
-    sampler = GroupedBatchSampler(base.aspect_ratios(), cfg.batch_size, shuffle=True, seed=seed)
+    sampler = GroupedBatchSampler(
+        base.aspect_ratios(), cfg.batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size
+    )
     sampler.set_epoch(epoch, start_batch=start_batch)
     return DataLoader(
         ds,
