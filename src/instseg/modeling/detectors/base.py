@@ -21,6 +21,23 @@ def total_loss(losses: dict[str, Tensor]) -> dict[str, Tensor]:
     return losses
 
 
+def touch_all_parameters(losses: dict[str, Tensor], module: nn.Module) -> dict[str, Tensor]:
+    """Adds ``0 * sum(p)`` of every trainable parameter of ``module`` to ``losses['loss']``.
+
+    Why: a head that a batch does not use (mask heads when no RoI is positive, HTC's later stages
+    on an image without gt, a branch switched off for one iteration) would get no gradient, and
+    DistributedDataParallel with ``find_unused_parameters=False`` then fails on the next iteration
+    (it waits for a gradient that never comes).  With this term every trainable parameter gets a
+    gradient every iteration: exactly zero where the batch did not use it (as mmdetection's heads
+    return ``pred.sum() * 0`` on empty batches), unchanged elsewhere; the loss value is unchanged.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    if params and "loss" in losses and torch.is_grad_enabled():
+        zero = torch.stack([p.sum() for p in params]).sum() * 0.0
+        losses["loss"] = losses["loss"] + zero.to(losses["loss"].dtype)
+    return losses
+
+
 class Detector(nn.Module):
     """Base of the one- and two-stage detectors: ``backbone`` + ``neck`` plus heads."""
 
@@ -36,7 +53,7 @@ class Detector(nn.Module):
     ) -> dict[str, Tensor] | list[Detections]:
         if targets is None:
             return self.predict(batch)
-        return self.loss(batch, targets)
+        return touch_all_parameters(self.loss(batch, targets), self)
 
     def loss(self, batch: ImageBatch, targets: Sequence[ImageTargets]) -> dict[str, Tensor]:
         raise NotImplementedError
