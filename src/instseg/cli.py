@@ -135,6 +135,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.train.output_dir) / (args.name or cfg.name)
     pinned = _explicit_keys(_flatten(args.cfg_file), _flatten(args.set))
     result = train(cfg, resume=args.resume, run_dir=run_dir, pinned=pinned)
+    from instseg.engine.distributed import env_info
+
+    if env_info().rank != 0:  # under torchrun rank 0 alone reports
+        return 0
     print(f"\nrun: {result['run_dir']}  ({result['iter']} iterations, {result['stopped']})")
     if result["metrics"]:
         print(format_metrics(result["metrics"]))
@@ -188,7 +192,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     renamed = [(c, n, names[c]) for c, n in zip(dataset.cat_ids, dataset.class_names) if names.get(c) not in (None, n)]
     if renamed:
         print(f"warning: category names differ from the checkpoint's (id, data, checkpoint): {renamed[:5]}", file=sys.stderr)
+    from instseg.engine import distributed as dist_utils
+    from instseg.engine.amp import amp_dtype
+
     device = resolve_device(args.device or cfg.train.device)
+    dist_utils.init_from_env(device.type)  # under torchrun: each rank evaluates its shard of the images
+    device = dist_utils.local_device(device)
+    amp = amp_dtype(args.amp, device, key="--amp")
     model.to(device).optimize_for_inference()
     model, dataset = _with_tta(model, dataset, args, cfg)
     ckpt = Path(args.checkpoint).resolve()
@@ -198,7 +208,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out_dir = ckpt.parent.parent / f"eval_{ckpt.stem}"
     else:
         out_dir = Path(f"eval_{ckpt.stem}")
-    outcome = run_evaluation(model, dataset, cfg, out_dir, cat_ids=ckpt_ids, confusion_score_thr=args.confusion_score_thr)
+    outcome = run_evaluation(
+        model, dataset, cfg, out_dir, cat_ids=ckpt_ids, confusion_score_thr=args.confusion_score_thr, amp=amp,
+        verbose=dist_utils.is_main(),
+    )
+    dist_utils.destroy()
+    if dist_utils.env_info().rank != 0:  # under torchrun rank 0 alone reports
+        return 0
     print(format_metrics(outcome.metrics))
     for x in outcome.left_out:
         print(f"left out (unreadable): {x.file_name}: {x.reason}", file=sys.stderr)
@@ -391,7 +407,9 @@ metrics.csv, checkpoints/{last,best}.pt, eval/ (COCO results, per-class tables, 
 confusion matrices) and plots/.  If that folder already holds a run and --resume is not given, the
 new run goes to NAME_1 (NAME_2, ...) and says so: an earlier run is never overwritten.
 Useful options: train.patience=N (early stopping), train.ema=true (EMA weights),
-train.tensorboard=true (needs the tensorboard extra), train.skip_nonfinite=true."""
+train.tensorboard=true (needs the tensorboard extra), train.skip_nonfinite=true.
+Several GPUs or machines: torchrun --nproc-per-node N -m instseg train ... (data.batch_size is per
+process; see the README, "Distributed training")."""
 
 _EVAL_DESCRIPTION = """COCO-evaluate a checkpoint (bbox, and segm for mask models) on COCO-format data.
 
@@ -441,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detections scoring below S are left out of the confusion matrix (default 0.3)")
     e.add_argument("--device", help="cpu | cuda | auto (default: the checkpoint's train.device)")
     e.add_argument("--tta", default=None, metavar="SPEC", help=TTA_HELP)
+    e.add_argument("--amp", default="", choices=["", "fp16", "bf16"],
+                   help="mixed-precision inference: fp16 (CUDA) or bf16 autocast; box decoding and NMS stay float32")
     _add_set(e, "model.score_thr=0.01 model.mask_merge=last")
     e.set_defaults(func=cmd_eval)
 

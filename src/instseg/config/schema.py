@@ -255,7 +255,13 @@ class TrainConfig:
     warmup_ratio: float = 0.001
     lr_steps: tuple[int, ...] = (8, 11)  # epochs (or iterations when max_iters > 0) at which lr *= 0.1
     grad_clip: float = 0.0  # max grad norm; 0 = off
-    amp: bool = False  # mixed precision on CUDA
+    # mixed precision on CUDA: "" (float32) | fp16 (with a grad scaler) | bf16; true/false of older
+    # configs read as fp16 / "" (instseg.engine.amp.parse_amp)
+    amp: str = ""
+    # distributed (torchrun; see README "Distributed training")
+    sync_bn: bool = False  # BatchNorm -> SyncBatchNorm when distributed on CUDA (norm_eval-frozen BN stays frozen)
+    auto_scale_lr: bool = False  # lr *= world_size * data.batch_size / base_batch_size (mmdetection's auto_scale_lr)
+    base_batch_size: int = 16  # the total batch the preset's lr was tuned for (mmdetection: 8 GPUs x 2 images)
     eval_interval: int = 1  # epochs between COCO evaluations (0 = only at the end)
     log_interval: int = 10
     checkpoint_interval: int = 1  # epochs between last.pt writes

@@ -31,13 +31,17 @@ def predict_dataset(
     *,
     progress: bool = False,
     left_out: list | None = None,
+    amp: torch.dtype | None = None,
 ) -> list:
     """Runs ``model.predict`` over ``loader``; returns ``[(ImageMeta, Detections on CPU), ...]``.
 
     ``loader`` yields ``(ImageBatch, targets, metas)`` as ``instseg.data.build_test_loader`` does,
     or ``(ImageBatch | None, targets, metas, [LeftOut, ...])`` as the loader of :func:`evaluate`
-    does; the images left out are appended to ``left_out``.
+    does; the images left out are appended to ``left_out``.  ``amp``: autocast dtype
+    (``instseg.engine.amp``), ``None`` = float32; the detections come back in float32.
     """
+    from instseg.engine.amp import autocast
+
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
@@ -58,7 +62,10 @@ def predict_dataset(
                     if bar is not None:
                         bar.update(1)
                     continue
-                dets = model.predict(batch.to(device))
+                with autocast(device, amp):
+                    dets = model.predict(batch.to(device))
+                if amp is not None:
+                    dets = [_float32(d) for d in dets]
                 if len(dets) != len(metas):
                     raise RuntimeError(f"model.predict returned {len(dets)} results for {len(metas)} images")
                 out.extend((meta, d.to("cpu")) for meta, d in zip(metas, dets))
@@ -69,6 +76,11 @@ def predict_dataset(
             bar.close()
         model.train(was_training)
     return out
+
+
+def _float32(d: Detections) -> Detections:
+    """Detections with float32 boxes and scores (autocast may leave them in half precision)."""
+    return Detections(d.boxes.float(), d.scores.float(), d.labels, d.masks)
 
 
 @dataclass
@@ -160,6 +172,7 @@ def run_evaluation(
     loader=None,
     verbose: bool = True,
     confusion_score_thr: float = 0.3,
+    amp: torch.dtype | None = None,
 ) -> EvalOutcome:
     """:func:`evaluate`, returning the images left out too.
 
@@ -167,10 +180,15 @@ def run_evaluation(
     differing from the JSON) is left out with a ``DataWarning`` naming it, and the evaluation goes
     on over the others (COCOeval then sees only the images evaluated); ``metrics.json`` lists the
     images left out under ``images_left_out``.  With ``cfg.data.strict`` the ``DataError`` is
-    raised instead.
+    raised instead.  ``amp``: autocast dtype of the forward passes (``None`` = float32).
+
+    Distributed (a process group of N > 1, e.g. under ``torchrun``): rank ``r`` predicts images
+    ``r, r + N, ...``; the predictions are gathered in the data set's order, rank 0 computes the
+    metrics (and writes ``out_dir``) once, and every rank returns them.  The metrics equal a
+    single-process evaluation's: each image's detections do not depend on the others.  A custom
+    ``loader`` is not sharded (every rank runs it whole).
     """
-    from instseg.data import DataWarning
-    from instseg.evaluation.coco import detections_to_coco, evaluate_coco
+    from instseg.engine import distributed as dist_utils
 
     max_dets = int(cfg.data.max_dets)
     if int(cfg.model.max_per_img) < max_dets:
@@ -179,14 +197,18 @@ def run_evaluation(
             f"maxDets={max_dets} is computed from at most {cfg.model.max_per_img} detections per image",
             stacklevel=2,
         )
+    sharded = loader is None and dist_utils.get_world_size() > 1
     if loader is None:
+        source = dataset if cfg.data.strict else LeaveOutBadImages(dataset)
+        if sharded:
+            source = torch.utils.data.Subset(source, dist_utils.shard(len(dataset)))
         if cfg.data.strict:
             from instseg.data import build_test_loader
 
-            loader = build_test_loader(cfg.data, dataset, batch_size=1)
+            loader = build_test_loader(cfg.data, source, batch_size=1)
         else:
             loader = torch.utils.data.DataLoader(
-                LeaveOutBadImages(dataset),
+                source,
                 batch_size=1,
                 shuffle=False,
                 collate_fn=partial(collate_leaving_out, size_divisor=cfg.data.size_divisor),
@@ -194,7 +216,30 @@ def run_evaluation(
             )
     cat_ids = list(dataset.cat_ids if cat_ids is None else cat_ids)
     left_out: list[LeftOut] = []
-    preds = predict_dataset(model, loader, progress=True, left_out=left_out)
+    preds = predict_dataset(model, loader, progress=dist_utils.is_main(), left_out=left_out, amp=amp)
+    if not sharded:
+        return _score(preds, left_out, dataset, cfg, out_dir, cat_ids, verbose, confusion_score_thr)
+    # every rank's predictions to rank 0, back in the data set's order (so results.json and COCOeval
+    # see exactly what one process would); rank 0 scores them once and every rank gets the outcome
+    gathered = dist_utils.all_gather_object((preds, left_out))
+    outcome = None
+    if dist_utils.is_main():
+        order = {int(i): k for k, i in enumerate(getattr(dataset, "image_ids", []))}
+        all_preds = sorted((x for p, _ in gathered for x in p), key=lambda md: order.get(int(md[0].image_id), -1))
+        all_left = sorted((x for _, lo in gathered for x in lo), key=lambda x: order.get(int(x.image_id), -1))
+        outcome = _score(all_preds, all_left, dataset, cfg, out_dir, cat_ids, verbose, confusion_score_thr)
+    return dist_utils.broadcast_object(outcome)
+
+
+def _score(
+    preds: list, left_out: list[LeftOut], dataset, cfg, out_dir: str | Path | None, cat_ids: list[int],
+    verbose: bool, confusion_score_thr: float,
+) -> EvalOutcome:
+    """COCO (or proposal recall) metrics of ``[(meta, detections), ...]``; writes ``out_dir``."""
+    from instseg.data import DataWarning
+    from instseg.evaluation.coco import detections_to_coco, evaluate_coco
+
+    max_dets = int(cfg.data.max_dets)
     for item in left_out:
         warnings.warn(f"evaluation leaves out image {item.file_name} (id {item.image_id}): {item.reason}",
                       DataWarning, stacklevel=2)

@@ -36,6 +36,19 @@ Options (``train.*``):
 - ``tensorboard``: also log every record to ``RUN/tensorboard``.
 - ``init_from``: a new run (not ``--resume``) starts from the weights of another checkpoint
   (names and shapes that fit; the rest is reported), e.g. RDSNet's second, MBRM-only stage.
+- ``amp``: ``fp16`` (with a grad scaler) or ``bf16`` autocast on CUDA (bf16 also on CPU);
+  losses, box decoding and NMS run in float32 (see ``instseg.engine.amp``).
+
+Distributed (started by ``torchrun``, see ``instseg.engine.distributed``): every process trains on
+its ``data.batch_size`` images of each total batch (``GroupedBatchSampler``) in a
+``DistributedDataParallel`` model (NCCL on CUDA, one GPU per process; gloo on CPU), so one step
+with N processes is one step of the total batch ``N * data.batch_size``.  ``train.sync_bn``
+converts BatchNorm to SyncBatchNorm (CUDA); ``train.auto_scale_lr`` scales ``train.lr`` by
+``N * data.batch_size / train.base_batch_size``.  Only rank 0 writes the run folder (config,
+metrics, plots, checkpoints) and prints; the logged losses are the means over the ranks.  Every
+rank saves its RNG state in ``last.pt`` (``rng_per_rank``), so a resumed distributed run (same
+number of processes) continues exactly.  Evaluation shards the images over the ranks and computes
+the COCO metrics once (``instseg.engine.inference.run_evaluation``).
 """
 
 from __future__ import annotations
@@ -55,6 +68,8 @@ from torch import nn
 
 from instseg.config.load import ConfigError, dump_yaml, to_dict
 from instseg.config.schema import Config
+from instseg.engine import distributed as dist_utils
+from instseg.engine.amp import amp_dtype, autocast
 from instseg.engine.checkpoint import (
     FORMAT,
     CheckpointError,
@@ -65,8 +80,15 @@ from instseg.engine.checkpoint import (
 )
 from instseg.engine.ema import ModelEMA
 from instseg.engine.inference import format_metrics, primary_metric, run_evaluation
-from instseg.engine.logging import MetricsLogger, RunningMeans, console, require_tensorboard
+from instseg.engine.logging import MetricsLogger, RunningMeans, require_tensorboard
+from instseg.engine.logging import console as _console_all_ranks
 from instseg.engine.schedule import lr_at, steps_to_iters
+
+
+def console(msg: str) -> None:
+    """Prints on rank 0 only (every process of a distributed run would print the same line)."""
+    if dist_utils.is_main():
+        _console_all_ranks(msg)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -150,10 +172,19 @@ class Trainer:
         from instseg.data import DataError, build_dataset, build_train_loader
 
         cfg, tc = self.cfg, self.cfg.train
-        if tc.tensorboard:  # fail before the (maybe long) data loading, not after
+        # join the process group first: everything below may print, and only rank 0 prints
+        self.device = resolve_device(tc.device)
+        self._owns_group = not dist_utils.is_initialized()
+        self.dist = dist_utils.init_from_env(self.device.type)
+        self._owns_group = self._owns_group and dist_utils.is_initialized()
+        self.device = dist_utils.local_device(self.device)
+        self.is_main = self.dist.rank == 0
+        self.amp_dtype = amp_dtype(tc.amp, self.device)
+        if tc.tensorboard and self.is_main:  # fail before the (maybe long) data loading, not after
             require_tensorboard()
         if not self.resume:
-            fresh = fresh_run_dir(self.run_dir)
+            fresh = fresh_run_dir(self.run_dir) if self.is_main else self.run_dir
+            fresh = dist_utils.broadcast_object(fresh)  # rank 0 decides; the others may see its new folder
             if fresh != self.run_dir:
                 console(f"note: {self.run_dir} already holds a run; this new run goes to {fresh} "
                         "(use --resume to continue the old one, or --name to choose a name)")
@@ -167,13 +198,10 @@ class Trainer:
             resume_state = load_checkpoint(last)
             self._check_resume_config(resume_state)
 
-        self.device = resolve_device(tc.device)
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
-        seed_everything(tc.seed)
-        self.amp = bool(tc.amp) and self.device.type == "cuda"
-        if tc.amp and not self.amp:
-            console("note: train.amp is on but the device is not CUDA; training in float32")
+        seed_everything(tc.seed)  # the same seed on every rank: DDP starts from rank 0's weights anyway
+        self.amp = self.amp_dtype == torch.float16  # the grad scaler is for float16 only
 
         self.train_ds = build_dataset(cfg.data, "train", **_semantic_args(cfg))
         self.cat_ids = [int(c) for c in self.train_ds.cat_ids]
@@ -199,7 +227,7 @@ class Trainer:
                 )
 
         self.build_train_loader = build_train_loader
-        self.iters_per_epoch = len(build_train_loader(cfg.data, self.train_ds, seed=tc.seed, epoch=0))
+        self.iters_per_epoch = len(self._loader(epoch=0))
         if self.iters_per_epoch == 0:
             raise DataError(f"no training batches from {cfg.data.train_ann}")
         ipe = self.iters_per_epoch
@@ -212,13 +240,15 @@ class Trainer:
             self.num_epochs = int(tc.epochs)
             self.steps = steps_to_iters(tc.lr_steps, ipe, by_epoch=True)
 
+        self.base_lr = self._scaled_lr()
         self.model = self.model_builder(cfg.model).to(self.device)
         if tc.init_from and resume_state is None:
             self._init_weights(tc.init_from)
+        self._maybe_sync_bn()
         self.ema = ModelEMA(self.model, decay=tc.ema_decay, tau=tc.ema_tau) if tc.ema else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(
-            self.params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay
+            self.params, lr=self.base_lr, momentum=tc.momentum, weight_decay=tc.weight_decay
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
@@ -228,23 +258,88 @@ class Trainer:
         self.skipped_steps = 0
         if resume_state is not None:
             self._load_state(resume_state, last)
+        # DDP after the weights are final: it broadcasts rank 0's parameters and buffers to all ranks
+        self.train_model: nn.Module = self.model
+        if self.dist.distributed:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model,
+                # None: the inputs are already on this process's device; DDP would otherwise rebuild
+                # the ImageBatch / ImageTargets dataclasses to move them
+                device_ids=None,
+                find_unused_parameters=False,  # every parameter gets a gradient (Detector.forward)
+            )
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, self.run_dir / "config.yaml")
-        self.logger = MetricsLogger(
-            self.run_dir / "metrics.jsonl",
-            fresh=resume_state is None,
-            keep_until_iter=self.iter if resume_state is not None else None,
-            tensorboard_dir=self.run_dir / "tensorboard" if tc.tensorboard else None,
-        )
+        self.logger = None
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, self.run_dir / "config.yaml")
+            self.logger = MetricsLogger(
+                self.run_dir / "metrics.jsonl",
+                fresh=resume_state is None,
+                keep_until_iter=self.iter if resume_state is not None else None,
+                tensorboard_dir=self.run_dir / "tensorboard" if tc.tensorboard else None,
+            )
+        dist_utils.barrier()  # the run folder exists before any rank goes on
         # On resume the RNG states are restored once the first data iterator exists: building the
         # model draws random numbers, and so does creating a DataLoader iterator (its base seed).
-        self._pending_rng = resume_state["rng"] if resume_state is not None else None
+        self._pending_rng = self._rank_rng(resume_state) if resume_state is not None else None
         if resume_state is not None:
             console(
                 f"resumed {self.run_dir} at iteration {self.iter} "
                 f"(epoch {self.epoch + 1}, batch {self.batch_in_epoch} of {ipe})"
             )
+
+    def _loader(self, epoch: int, start_batch: int = 0):
+        """This rank's training loader of ``epoch`` (see ``build_train_loader``)."""
+        return self.build_train_loader(
+            self.cfg.data, self.train_ds, seed=self.cfg.train.seed, epoch=epoch, start_batch=start_batch,
+            rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+
+    def _scaled_lr(self) -> float:
+        """``train.lr``, times ``total batch / train.base_batch_size`` with ``train.auto_scale_lr``
+        (mmdetection's linear scaling rule; off by default, as there)."""
+        tc = self.cfg.train
+        total = self.dist.world_size * self.cfg.data.batch_size
+        if not tc.auto_scale_lr:
+            if self.dist.distributed:
+                console(f"distributed: {self.dist.world_size} processes x {self.cfg.data.batch_size} images = "
+                        f"total batch {total}; lr {tc.lr:g} as configured (train.auto_scale_lr=false)")
+            return float(tc.lr)
+        if tc.base_batch_size < 1:
+            raise ConfigError(f"train.base_batch_size must be >= 1, got {tc.base_batch_size}")
+        lr = float(tc.lr) * total / tc.base_batch_size
+        console(f"train.auto_scale_lr: total batch {self.dist.world_size} x {self.cfg.data.batch_size} = {total}, "
+                f"base batch {tc.base_batch_size}: lr {tc.lr:g} -> {lr:g}")
+        return lr
+
+    def _maybe_sync_bn(self) -> None:
+        """``train.sync_bn``: BatchNorm -> SyncBatchNorm (statistics over all ranks' images).
+
+        The converted layers keep their parameters (and ``requires_grad``), and backbones with
+        ``norm_eval`` keep every ``_BatchNorm`` (SyncBatchNorm included) in eval mode, so frozen BN
+        stays frozen.  PyTorch's SyncBatchNorm trains on CUDA only; on CPU the layers stay per process.
+        """
+        if not self.cfg.train.sync_bn:
+            return
+        if not self.dist.distributed:
+            console("note: train.sync_bn has no effect in a single process")
+            return
+        if self.device.type != "cuda":
+            console("note: train.sync_bn needs CUDA (SyncBatchNorm); BatchNorm stays per process on CPU")
+            return
+        self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+
+    def _rank_rng(self, state: dict) -> dict:
+        """This rank's RNG state from a checkpoint (its own when the checkpoint was written by as
+        many processes, else rank 0's with a note: the random stream then differs from the stopped run)."""
+        per_rank = state.get("rng_per_rank")
+        if per_rank and len(per_rank) == self.dist.world_size:
+            return per_rank[self.dist.rank]
+        if self.dist.distributed or (per_rank and len(per_rank) != 1):
+            console(f"note: the checkpoint was written by {len(per_rank) if per_rank else 1} process(es), this run has "
+                    f"{self.dist.world_size}: the data order continues exactly, the random draws do not")
+        return state["rng"]
 
     def _init_weights(self, path: str) -> None:
         """``train.init_from``: a new run starts from another checkpoint's weights (its EMA weights
@@ -315,6 +410,9 @@ class Trainer:
                 self.ema = ModelEMA(self.model, decay=self.cfg.train.ema_decay, tau=self.cfg.train.ema_tau)
 
     def state_dict(self) -> dict:
+        """The resumable state (a collective when distributed: every rank must call it)."""
+        rng = capture_rng_state()
+        rng_per_rank = dist_utils.all_gather_object(rng)
         return {
             "format": FORMAT,
             "model": self.model.state_dict(),
@@ -325,7 +423,8 @@ class Trainer:
             "epoch": self.epoch,
             "iter": self.iter,
             "batch_in_epoch": self.batch_in_epoch,
-            "rng": capture_rng_state(),
+            "rng": rng,
+            "rng_per_rank": rng_per_rank,
             "best": dict(self.best),
             "early_stop": dict(self.early_stop),
             "skipped_steps": self.skipped_steps,
@@ -335,7 +434,10 @@ class Trainer:
     # ------------------------------------------------------------------------------ loop
 
     def _save_last(self) -> None:
-        save_checkpoint(self.ckpt_dir / "last.pt", self.state_dict())
+        state = self.state_dict()  # on every rank: it gathers the RNG states
+        if self.is_main:
+            save_checkpoint(self.ckpt_dir / "last.pt", state)
+        dist_utils.barrier()  # last.pt is complete before any rank goes on (or exits)
         self._saved_at = self.iter
 
     def eval_model(self) -> nn.Module:
@@ -345,7 +447,8 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         rng = capture_rng_state()  # evaluation must not change the training's random stream
         outcome = run_evaluation(
-            self.eval_model(), self.val_ds, self.cfg, self.run_dir / "eval", cat_ids=self.cat_ids, verbose=False
+            self.eval_model(), self.val_ds, self.cfg, self.run_dir / "eval", cat_ids=self.cat_ids, verbose=False,
+            amp=self.amp_dtype,
         )
         metrics = outcome.metrics
         restore_rng_state(rng)
@@ -366,14 +469,19 @@ class Trainer:
                 state = self.state_dict()
                 if self.ema is not None:  # best.pt is for inference: it holds the weights evaluated
                     state["model"] = self.ema.module.state_dict()
-                save_checkpoint(self.ckpt_dir / "best.pt", state)
+                if self.is_main:
+                    save_checkpoint(self.ckpt_dir / "best.pt", state)
                 console(f"new best {key}={value:.4f} -> {self.ckpt_dir / 'best.pt'}")
             else:
                 self.early_stop["bad_evals"] = int(self.early_stop.get("bad_evals", 0)) + 1
             if self.cfg.train.patience > 0:
                 record["evals_without_improvement"] = self.early_stop["bad_evals"]
-        self.logger.log(record)
+        self._log(record)
         return metrics
+
+    def _log(self, record: dict) -> None:
+        if self.logger is not None:
+            self.logger.log(record)
 
     def _early_stop_reason(self) -> str | None:
         patience = self.cfg.train.patience
@@ -387,7 +495,7 @@ class Trainer:
         tc = self.cfg.train
         lr = lr_at(
             self.iter,
-            base_lr=tc.lr,
+            base_lr=self.base_lr,
             warmup_iters=tc.warmup_iters,
             warmup_ratio=tc.warmup_ratio,
             steps_iters=self.steps,
@@ -396,12 +504,14 @@ class Trainer:
             group["lr"] = lr
         batch = batch.to(self.device)
         targets = [t.to(self.device) for t in targets]
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
-            out = self.model(batch, targets)
+        with autocast(self.device, self.amp_dtype):
+            out = self.train_model(batch, targets)
         if "loss" not in out:
             raise KeyError(f"the model's loss dict has no 'loss' entry (keys: {sorted(out)})")
-        loss = out["loss"]
-        if not bool(torch.isfinite(loss.detach()).all()):
+        loss = out["loss"].float()
+        # every rank takes the same branch: a rank that skipped its backward would leave the others
+        # waiting in DDP's gradient all-reduce
+        if not dist_utils.all_finite(bool(torch.isfinite(loss.detach()).all())):
             terms = ", ".join(
                 f"{k}={float(v.detach().float()):.4g}"
                 for k, v in out.items()
@@ -447,7 +557,8 @@ class Trainer:
         )
         from tqdm import tqdm
 
-        bar = tqdm(total=self.total_iters, initial=self.iter, desc="train", disable=not sys.stderr.isatty())
+        bar = tqdm(total=self.total_iters, initial=self.iter, desc="train",
+                   disable=not (sys.stderr.isatty() and self.is_main))
         self.model.train()
         stop_reason = self._early_stop_reason()  # a resumed run that had already stopped early
         if stop_reason is not None:
@@ -455,9 +566,7 @@ class Trainer:
             self._evaluated_at = self.iter
         try:
             while self.epoch < self.num_epochs and self.iter < self.total_iters and stop_reason is None:
-                loader = self.build_train_loader(
-                    cfg.data, self.train_ds, seed=tc.seed, epoch=self.epoch, start_batch=self.batch_in_epoch
-                )
+                loader = self._loader(self.epoch, start_batch=self.batch_in_epoch)
                 batches = iter(loader)
                 if self._pending_rng is not None:
                     restore_rng_state(self._pending_rng)
@@ -475,12 +584,12 @@ class Trainer:
                     bar.update(1)
                     if self.iter % max(tc.log_interval, 1) == 0 or self.iter == self.total_iters:
                         rec = {"mode": "train", "iter": self.iter, "epoch": self.epoch + 1, "lr": out["lr"]}
-                        rec.update(means.pop())
+                        rec.update(self._mean_over_ranks(means.pop()))
                         if tc.skip_nonfinite or self.skipped_steps:
                             rec["skipped_steps"] = self.skipped_steps
                         if self.device.type == "cuda":
                             rec["memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-                        self.logger.log(rec)
+                        self._log(rec)
                         bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}", lr=f"{out['lr']:.2e}")
                         if bar.disable:  # no progress bar (not a terminal): print the log line
                             console(
@@ -491,7 +600,9 @@ class Trainer:
                             )
                     if self.iter >= self.total_iters:
                         stop_reason = "max_iters"
-                    elif tc.max_minutes > 0 and time.time() - start_time > tc.max_minutes * 60:
+                    elif tc.max_minutes > 0 and dist_utils.broadcast_object(
+                        time.time() - start_time > tc.max_minutes * 60  # rank 0's clock decides for all
+                    ):
                         stop_reason = "time budget"
                         console(f"stopping: time budget of {tc.max_minutes} min reached at iteration {self.iter}")
                     if stop_reason is not None:
@@ -516,10 +627,14 @@ class Trainer:
         if final_eval or self._saved_at != self.iter:  # last.pt also carries the latest 'best'
             self._save_last()
         stopped = stop_reason or "completed"
-        self.logger.log({"mode": "stop", "iter": self.iter, "epoch": self.epoch, "reason": stopped,
-                         "skipped_steps": self.skipped_steps})
-        self.logger.close()
-        self._plot()
+        self._log({"mode": "stop", "iter": self.iter, "epoch": self.epoch, "reason": stopped,
+                   "skipped_steps": self.skipped_steps})
+        if self.logger is not None:
+            self.logger.close()
+            self._plot()
+        dist_utils.barrier()
+        if self._owns_group:
+            dist_utils.destroy()
         console(f"done: {self.iter} iterations ({stopped}); checkpoints in {self.ckpt_dir}")
         return {
             "run_dir": str(self.run_dir),
@@ -530,6 +645,21 @@ class Trainer:
             "best": dict(self.best),
             "classes": self.classes,
         }
+
+    @staticmethod
+    def _mean_over_ranks(values: dict) -> dict:
+        """The logged means of this rank's iterations, averaged over the ranks (rank 0 logs them).
+        Gathered as objects: ranks may log different keys (e.g. a term only some batches have)."""
+        values = {k: float(v.detach().float()) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        gathered = dist_utils.all_gather_object(values)
+        if len(gathered) == 1:
+            return gathered[0]
+        keys = [k for k in gathered[0]] + sorted({k for g in gathered[1:] for k in g} - set(gathered[0]))
+        out = {}
+        for k in keys:
+            vals = [g[k] for g in gathered if isinstance(g.get(k), (int, float))]
+            out[k] = sum(vals) / len(vals) if vals else gathered[0].get(k)
+        return out
 
     def _plot(self) -> None:
         try:
