@@ -58,8 +58,9 @@ def get_world_size() -> int:
 
 
 def is_main() -> bool:
-    """True on the process that writes files and prints (rank 0, or the only process)."""
-    return get_rank() == 0
+    """True on the process that writes files and prints (rank 0, or the only process); before the
+    process group is joined (or after it is left) the rank comes from torchrun's ``RANK``."""
+    return get_rank() == 0 if is_initialized() else env_info().rank == 0
 
 
 def init_from_env(device_type: str) -> DistInfo:
