@@ -55,6 +55,8 @@ class DeltaXYWHCoder:
         n = refs.shape[0]
         k = deltas.shape[1] // 4 if deltas.numel() else max(deltas.shape[1] // 4, 1)
         d = deltas.reshape(n, k, 4)
+        if d.dtype in (torch.float16, torch.bfloat16):  # autocast output: decode in float32 (pixel
+            d = d.float()  # coordinates of a 1333-px image are only 1 px apart in fp16)
         d = d * d.new_tensor(self.stds) + d.new_tensor(self.means)
         refs = refs.to(d.dtype)[:, None, :]
         pxy = (refs[..., :2] + refs[..., 2:]) * 0.5
@@ -93,6 +95,9 @@ class SSDCoder:
 
     def decode(self, priors: Tensor, loc: Tensor) -> Tensor:
         v0, v1 = self.variances
+        if loc.dtype in (torch.float16, torch.bfloat16):  # autocast output: decode in float32
+            loc = loc.float()
+            priors = priors.float()
         boxes = torch.cat(
             (priors[:, :2] + loc[:, :2] * v0 * priors[:, 2:], priors[:, 2:] * torch.exp(loc[:, 2:] * v1)), 1
         )

@@ -7,9 +7,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _fp32(t: Tensor) -> Tensor:
+    """Half-precision tensors (from autocast) upcast to float32: loss terms need its precision and
+    range (a squared difference or a sum over thousands of elements overflows or rounds in fp16)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def smooth_l1(pred: Tensor, target: Tensor, beta: float) -> Tensor:
     """Element-wise smooth L1 as mmdet defines it (quadratic below ``beta``)."""
-    diff = (pred - target).abs()
+    diff = (_fp32(pred) - _fp32(target)).abs()
     if beta <= 0:
         return diff
     return torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
@@ -18,7 +24,7 @@ def smooth_l1(pred: Tensor, target: Tensor, beta: float) -> Tensor:
 def box_regression_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
     """Element-wise box loss: ``l1``, ``smooth_l1`` (beta 1.0) or ``smooth_l1_rpn`` (beta 1/9)."""
     if kind == "l1":
-        return (pred - target).abs()
+        return (_fp32(pred) - _fp32(target)).abs()
     if kind == "smooth_l1":
         return smooth_l1(pred, target, 1.0)
     if kind == "smooth_l1_rpn":
@@ -41,4 +47,4 @@ def mask_bce(logits: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
         chosen = logits[:, 0]
     else:
         chosen = logits[torch.arange(logits.shape[0], device=logits.device), labels]
-    return F.binary_cross_entropy_with_logits(chosen, targets, reduction="mean")
+    return F.binary_cross_entropy_with_logits(_fp32(chosen), _fp32(targets), reduction="mean")
