@@ -34,6 +34,7 @@ if [ "$NGPU" -ge 2 ]; then
   "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m instseg train --config mask_rcnn_synth_cpu \
       --train-ann "$D/synth/annotations/instances_train.json" --train-images "$D/synth/images/train" \
       --val-ann "$D/synth/annotations/instances_val.json" --val-images "$D/synth/images/val" \
+      --stuff-dir "$D/synth/stuffthingmaps/train" --val-stuff-dir "$D/synth/stuffthingmaps/val" \
       --set model.backbone_weights= train.device=cuda train.amp=fp16 train.sync_bn=true train.max_iters=20 \
       train.output_dir="$D/runs" 2>&1 | tail -8 | tee -a "$LOG" || status=1
 else

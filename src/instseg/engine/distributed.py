@@ -124,19 +124,6 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """The mean over ranks of each logged number (losses, accuracies, times), so rank 0 logs the
-    whole batch and not only its own shard.  Every rank must pass the same keys."""
-    if get_world_size() == 1 or not values:
-        return dict(values)
-    keys = sorted(values)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    t /= get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
 def all_finite(flag: bool) -> bool:
     """True only when ``flag`` is true on every rank: a NaN loss on one rank must make every rank
     skip (or stop) together, or the ranks' next collectives would not match."""

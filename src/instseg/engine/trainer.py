@@ -331,14 +331,15 @@ class Trainer:
         self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
 
     def _rank_rng(self, state: dict) -> dict:
-        """This rank's RNG state from a checkpoint (its own when the checkpoint was written by as
-        many processes, else rank 0's with a note: the random stream then differs from the stopped run)."""
-        per_rank = state.get("rng_per_rank")
-        if per_rank and len(per_rank) == self.dist.world_size:
+        """This rank's RNG state from a checkpoint: its own when the checkpoint was written by as
+        many processes, else rank 0's (with a note: the run goes on, but not as the stopped one would
+        have, since the total batch, hence the data order and the random draws, changed)."""
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        if len(per_rank) == self.dist.world_size:
             return per_rank[self.dist.rank]
-        if self.dist.distributed or (per_rank and len(per_rank) != 1):
-            console(f"note: the checkpoint was written by {len(per_rank) if per_rank else 1} process(es), this run has "
-                    f"{self.dist.world_size}: the data order continues exactly, the random draws do not")
+        console(f"note: the checkpoint was written by {len(per_rank)} process(es), this run has {self.dist.world_size}: "
+                "training continues from its weights and position, but with a different total batch it does not "
+                "repeat what the stopped run would have done")
         return state["rng"]
 
     def _init_weights(self, path: str) -> None:
