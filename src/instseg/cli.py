@@ -196,6 +196,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from instseg.engine.amp import amp_dtype
 
     device = resolve_device(args.device or cfg.train.device)
+    owns_group = not dist_utils.is_initialized()
     dist_utils.init_from_env(device.type)  # under torchrun: each rank evaluates its shard of the images
     device = dist_utils.local_device(device)
     amp = amp_dtype(args.amp, device, key="--amp")
@@ -212,7 +213,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, dataset, cfg, out_dir, cat_ids=ckpt_ids, confusion_score_thr=args.confusion_score_thr, amp=amp,
         verbose=dist_utils.is_main(),
     )
-    dist_utils.destroy()
+    if owns_group:
+        dist_utils.destroy()
     if dist_utils.env_info().rank != 0:  # under torchrun rank 0 alone reports
         return 0
     print(format_metrics(outcome.metrics))

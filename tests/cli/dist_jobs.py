@@ -1,57 +1,77 @@
-"""What the worker processes of ``test_distributed.py`` run: a list of jobs in one gloo process group.
+"""A list of jobs run by every process of one ``torchrun`` launch (2 processes, gloo on CPU).
 
-One group for all the jobs (instead of one ``torchrun`` per job) because starting a process that
-imports torch and torchvision costs 10-15 s on the 2-core test machines.  The workers get the
-same environment variables ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR``, ``MASTER_PORT``), so the trainer and evaluation take the code path they take
-under ``torchrun``.
+``test_distributed.py`` starts ``torchrun --standalone --nproc-per-node 2 tests/cli/dist_jobs.py
+JOBS.json`` once for all of its distributed runs, because starting a process that imports torch
+and torchvision costs 10-15 s on the 2-core test machines.  The workers join the process group
+from the environment ``torchrun`` sets, as ``instseg train`` / ``instseg eval`` do; the trainer
+and the CLI then find the group joined and leave it open for the next job.
+
+Job kinds: ``train`` (``config``: a ``to_dict`` config, ``run_dir``, ``resume``), ``eval``
+(``checkpoint``; rank 0 writes the metrics every rank got to ``out``) and ``cli`` (``args`` of
+``instseg``; each rank's stdout goes to ``<stdout>.rank<r>``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import socket
-import time
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+
+def run_world(jobs: list[dict[str, Any]], folder: Path, *, nproc: int = 2, timeout_s: float = 900.0) -> None:
+    """Runs ``jobs`` under ``torchrun`` with ``nproc`` processes; raises when one fails or when they
+    hang past ``timeout_s`` (a hang is how a DDP mistake shows up: it must fail the test, not stall it)."""
+    path = folder / "jobs.json"
+    path.write_text(json.dumps(jobs))
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           __file__, str(path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (the OS picks it), for the rendezvous of one test module."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def main(jobs_file: str) -> int:
+    import torch
 
-
-def worker(rank: int, world_size: int, port: int, jobs: list[dict[str, Any]]) -> None:
-    """Entry point of process ``rank``: joins the group, runs ``jobs`` in order, leaves."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
     torch.set_num_threads(1)
-    from instseg.config.load import from_dict
     from instseg.engine import distributed as dist_utils
-    from instseg.engine.trainer import train
 
-    dist_utils.init_from_env("cpu")  # joined here, so the trainer leaves the group open between jobs
+    info = dist_utils.init_from_env("cpu")
     try:
-        for job in jobs:
-            if job["kind"] == "train":
-                train(from_dict(job["config"]), run_dir=job["run_dir"], resume=job.get("resume", False))
-            elif job["kind"] == "eval":
-                _evaluate(job)
-            else:
-                raise ValueError(f"unknown job kind {job['kind']!r}")
+        for job in json.loads(Path(jobs_file).read_text()):
+            _run(job, info.rank)
     finally:
         dist_utils.destroy()
+    return 0
+
+
+def _run(job: dict[str, Any], rank: int) -> None:
+    from instseg.config.load import from_dict
+    from instseg.engine.trainer import train
+
+    if job["kind"] == "train":
+        train(from_dict(job["config"]), run_dir=job["run_dir"], resume=job.get("resume", False))
+    elif job["kind"] == "eval":
+        _evaluate(job)
+    elif job["kind"] == "cli":
+        from instseg.cli import main as cli_main
+
+        with open(f"{job['stdout']}.rank{rank}", "w") as out, contextlib.redirect_stdout(out):
+            rc = cli_main(job["args"])
+        if rc != 0:
+            raise SystemExit(f"instseg {' '.join(job['args'])} exited with {rc} on rank {rank}")
+    else:
+        raise ValueError(f"unknown job kind {job['kind']!r}")
 
 
 def _evaluate(job: dict[str, Any]) -> None:
-    """Evaluates a checkpoint on ``job['ann']``; rank 0 writes the metrics to ``job['out']``."""
     from instseg.data import build_dataset
     from instseg.engine import distributed as dist_utils
     from instseg.engine.checkpoint import load_model_from_checkpoint
@@ -65,18 +85,5 @@ def _evaluate(job: dict[str, Any]) -> None:
         Path(job["out"]).write_text(json.dumps({"metrics": outcome.metrics, "every_rank": every_rank}))
 
 
-def run_world(jobs: list[dict[str, Any]], world_size: int = 2, timeout_s: float = 600.0) -> None:
-    """Runs ``jobs`` in ``world_size`` spawned processes; raises when one fails or all hang past
-    ``timeout_s`` (a hang is how a DDP mistake shows up; it must fail the test, not stall it)."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(
-        worker, args=(world_size, free_port(), jobs), nprocs=world_size, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=5):  # join() raises ProcessRaisedException when a worker fails
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"distributed workers did not finish within {timeout_s:.0f} s")
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
