@@ -163,9 +163,10 @@ def test_two_processes_batch_1_equal_one_process_batch_2(world, arch, tmp_path):
     step = _max_abs_diff(ws, w0, changed)
     diff = _max_abs_diff(wd, ws, changed)
     assert diff <= REL_TOL * step, f"max |w_ddp - w_single| = {diff:.3g} vs weight change {step:.3g}"
-    read = lambda run: [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())  # noqa: E731
-                        if r["mode"] == "train"]
-    for rd, rs in zip(read(world["runs"] / arch), read(Path(single["run_dir"])), strict=True):
+    def train_records(run: Path) -> list[dict]:
+        return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["mode"] == "train"]
+
+    for rd, rs in zip(train_records(world["runs"] / arch), train_records(Path(single["run_dir"])), strict=True):
         for k in (k for k in rs if k.startswith("loss")):
             assert rd[k] == pytest.approx(rs[k], rel=1e-5, abs=1e-6), (rd["iter"], k)
     for k in ws:  # buffers and frozen weights: identical
@@ -212,9 +213,11 @@ def test_distributed_resume_continues_exactly(world):
         assert torch.equal(a["model"][k], b["model"][k]), k
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    read = lambda run: [json.loads(x) for x in (world["runs"] / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    train_a = [r for r in read("straight") if r["mode"] == "train"]
-    train_b = [r for r in read("split") if r["mode"] == "train"]
+    def train_records(run: str) -> list[dict]:
+        lines = (world["runs"] / run / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["mode"] == "train"]
+
+    train_a, train_b = train_records("straight"), train_records("split")
     assert [r["iter"] for r in train_b] == [1, 2, 3, 4]
     assert [r["loss"] for r in train_a] == [r["loss"] for r in train_b]
 

@@ -11,7 +11,9 @@ import torch
 from instseg.config.load import ConfigError
 
 AMP_MODES = ("", "fp16", "bf16")
-_LEGACY = {"true": "fp16", "1": "fp16", "yes": "fp16", "on": "fp16", "false": "", "0": "", "no": "", "off": "", "none": ""}
+# the booleans older configs wrote (YAML true/false, then str() by the schema's str field)
+_LEGACY = {"true": "fp16", "1": "fp16", "yes": "fp16", "on": "fp16",
+           "false": "", "0": "", "no": "", "off": "", "none": ""}
 
 
 def parse_amp(value: object, key: str = "train.amp") -> str:

@@ -337,9 +337,9 @@ class Trainer:
         per_rank = state.get("rng_per_rank") or [state["rng"]]
         if len(per_rank) == self.dist.world_size:
             return per_rank[self.dist.rank]
-        console(f"note: the checkpoint was written by {len(per_rank)} process(es), this run has {self.dist.world_size}: "
-                "training continues from its weights and position, but with a different total batch it does not "
-                "repeat what the stopped run would have done")
+        console(f"note: the checkpoint was written by {len(per_rank)} process(es), this run has "
+                f"{self.dist.world_size}: training continues from its weights and position, but with a "
+                "different total batch it does not repeat what the stopped run would have done")
         return state["rng"]
 
     def _init_weights(self, path: str) -> None:
