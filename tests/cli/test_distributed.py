@@ -43,7 +43,7 @@ pytest.importorskip("torch.distributed")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("this PyTorch build has no gloo backend", allow_module_level=True)
 
-from instseg.config.load import to_dict  # noqa: E402
+from instseg.config.load import dump_yaml, to_dict  # noqa: E402
 from instseg.config.schema import Config  # noqa: E402
 from instseg.engine.checkpoint import load_checkpoint, load_model_from_checkpoint  # noqa: E402
 from instseg.engine.trainer import train  # noqa: E402
@@ -111,7 +111,13 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     ann, images = write_same_layout_coco(root / "data")
     runs = root / "runs"
+    cli_cfg = make_cfg("mask_rcnn", ann, images, batch_size=1, max_iters=1)
+    cli_cfg.train.output_dir = str(runs)
+    dump_yaml(cli_cfg, root / "cli_train.yaml")
     jobs = [
+        # the README's `torchrun ... -m instseg train`, through the CLI
+        {"kind": "cli", "stdout": str(root / "cli_train"),
+         "args": ["train", "--config", str(root / "cli_train.yaml"), "--name", "cli_train"]},
         {"kind": "train", "run_dir": str(runs / "mask_rcnn"),
          "config": to_dict(make_cfg("mask_rcnn", ann, images, batch_size=1, val=True))},
         {"kind": "train", "run_dir": str(runs / "htc"), "config": to_dict(make_cfg("htc", ann, images, batch_size=1))},
@@ -220,6 +226,15 @@ def test_distributed_resume_continues_exactly(world):
     train_a, train_b = train_records("straight"), train_records("split")
     assert [r["iter"] for r in train_b] == [1, 2, 3, 4]
     assert [r["loss"] for r in train_a] == [r["loss"] for r in train_b]
+
+
+def test_torchrun_cli_train(world):
+    """``torchrun --nproc-per-node 2 -m instseg train``: one run folder, rank 0 alone reports."""
+    root, runs = world["root"], world["runs"]
+    assert "run: " in (root / "cli_train.rank0").read_text()
+    assert (root / "cli_train.rank1").read_text() == "", "rank 1 prints nothing"
+    assert load_checkpoint(runs / "cli_train" / "checkpoints" / "last.pt")["iter"] == 1
+    assert not (runs / "cli_train_1").exists()
 
 
 def test_torchrun_cli_eval(world):
