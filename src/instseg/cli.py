@@ -170,6 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def update(cfg: Config) -> None:
         apply_overrides(cfg, [], _flatten(args.set))
         cfg.data.val_ann, cfg.data.val_images = str(args.ann), str(args.images)
+        cfg.data.val_fraction = 0.0  # --ann names the whole evaluation set (not a held-out part)
         cfg.data.val_stuff = str(args.stuff_dir or "")
         if args.max_dets is not None:
             cfg.data.max_dets = int(args.max_dets)

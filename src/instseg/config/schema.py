@@ -238,6 +238,10 @@ class DataConfig:
     batch_size: int = 2
     num_workers: int = 0
     strict: bool = False  # raise on a bad sample instead of skipping it with a warning
+    # with no val_ann: hold out this fraction of the training images (a seeded random choice) as the
+    # validation split that evaluation and best.pt use; 0 = none
+    val_fraction: float = 0.0
+    split_seed: int = 0  # the seed of that choice (fixed, so train and eval agree on the split)
     max_dets: int = 100  # COCOeval maxDets (nuclei needs 400)
 
 

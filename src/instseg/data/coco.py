@@ -349,6 +349,15 @@ class CocoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def all_image_ids(self) -> list[int]:
+        """Every image id of the JSON, in its order (before ``filter_empty`` and ``restrict``)."""
+        return list(self._images)
+
+    def restrict(self, image_ids) -> None:
+        """Keeps only the images whose id is in ``image_ids`` (a held-out split)."""
+        wanted = {int(i) for i in image_ids}
+        self.image_ids = [i for i in self.image_ids if i in wanted]
+
     def aspect_ratios(self) -> list[float]:
         """``w / h`` of every image (from the JSON, no decoding)."""
         return [self._images[i]["width"] / self._images[i]["height"] for i in self.image_ids]
@@ -361,6 +370,13 @@ class CocoDataset(torch.utils.data.Dataset):
         return load_rgb(self.image_dir / self.image_info(i)["file_name"])
 
     def __getitem__(self, i: int) -> Sample:
+        sample = self.load(i)
+        if self.transforms is not None:
+            sample = self.transforms(sample)
+        return sample
+
+    def load(self, i: int) -> Sample:
+        """Sample ``i`` as read from disk, before the transforms (copy-paste's donors)."""
         if i < 0:
             i += len(self)
         info = self.image_info(i)
@@ -397,8 +413,6 @@ class CocoDataset(torch.utils.data.Dataset):
             meta=ImageMeta(int(info["id"]), str(info["file_name"]), (h, w), (h, w), (1.0, 1.0), False),
             generator=torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i)),
         )
-        if self.transforms is not None:
-            sample = self.transforms(sample)
         return sample
 
     # ------------------------------------------------------------------ per-image helpers

@@ -189,7 +189,7 @@ class Trainer:
             n = self.train_ds.check_stuff_maps(progress=True)
             console(f"checked {n} stuff maps in {self.train_ds.stuff_dir}")
         self.val_ds = None
-        if cfg.data.val_ann:
+        if cfg.data.val_ann or cfg.data.val_fraction > 0:
             self.val_ds = build_dataset(cfg.data, "val")
             unknown = sorted(set(int(c) for c in self.val_ds.cat_ids) - set(self.cat_ids))
             if unknown:
@@ -356,7 +356,9 @@ class Trainer:
             record["images_left_out"] = [x.file_name for x in outcome.left_out]
             for x in outcome.left_out:
                 console(f"warning: evaluation left out {x.file_name}: {x.reason}")
-        console(f"[iter {self.iter}] COCO evaluation on {self.cfg.data.val_ann}:\n{format_metrics(metrics)}")
+        where = self.cfg.data.val_ann or (
+            f"{len(self.val_ds)} images held out of {self.cfg.data.train_ann} (data.val_fraction)")
+        console(f"[iter {self.iter}] COCO evaluation on {where}:\n{format_metrics(metrics)}")
         key = primary_metric(metrics)
         if key is not None:
             value = float(metrics[key])
