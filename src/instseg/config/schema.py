@@ -251,13 +251,16 @@ class TrainConfig:
 
     epochs: int = 12
     max_iters: int = 0  # > 0: stop after this many iterations (overrides epochs)
-    max_minutes: float = 0.0  # > 0: stop (and evaluate) after this wall-clock budget
+    max_minutes: float = 0.0  # > 0: stop (and evaluate) after this wall-clock budget (summed over resumes)
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 500
     warmup_ratio: float = 0.001
     lr_steps: tuple[int, ...] = (8, 11)  # epochs (or iterations when max_iters > 0) at which lr *= 0.1
+    # fractions of the max_minutes budget at which lr *= 0.1 (replaces lr_steps; the iteration each
+    # happens at is recorded, so a resumed run keeps it): a schedule that ends with the budget
+    budget_lr_steps: tuple[float, ...] = ()
     grad_clip: float = 0.0  # max grad norm; 0 = off
     amp: bool = False  # mixed precision on CUDA
     eval_interval: int = 1  # epochs between COCO evaluations (0 = only at the end)

@@ -223,6 +223,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
         self.iter, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.seconds_before = 0.0  # training time of earlier sessions of this run (resume)
+        self._session_start = time.time()
+        if tc.budget_lr_steps:
+            if tc.max_minutes <= 0:
+                raise ConfigError("train.budget_lr_steps are fractions of train.max_minutes: set train.max_minutes > 0")
+            if any(not 0.0 < f < 1.0 for f in tc.budget_lr_steps):
+                raise ConfigError(f"train.budget_lr_steps must be fractions in (0, 1), got {list(tc.budget_lr_steps)}")
+            self.steps = []  # filled with the iteration at which each budget fraction is reached
         self.best: dict[str, Any] = {"metric": None, "value": None}
         self.early_stop: dict[str, Any] = {"bad_evals": 0}
         self.skipped_steps = 0
@@ -304,6 +312,9 @@ class Trainer:
         self.best = dict(state.get("best") or self.best)
         self.early_stop = dict(state.get("early_stop") or self.early_stop)
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.seconds_before = float(state.get("train_seconds") or 0.0)
+        if self.cfg.train.budget_lr_steps:
+            self.steps = [int(v) for v in state.get("lr_steps_taken") or []]
         if self.ema is not None:
             if state.get("ema"):
                 try:
@@ -330,6 +341,8 @@ class Trainer:
             "early_stop": dict(self.early_stop),
             "skipped_steps": self.skipped_steps,
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "train_seconds": self.train_seconds(),
+            "lr_steps_taken": list(self.steps) if self.cfg.train.budget_lr_steps else None,
         }
 
     # ------------------------------------------------------------------------------ loop
@@ -385,8 +398,24 @@ class Trainer:
         return (f"early stopping: {self.best.get('metric')} did not improve for {bad} evaluations "
                 f"(train.patience={patience}; best {self.best.get('value'):.4f} at iteration {self.best.get('iter')})")
 
+    def train_seconds(self) -> float:
+        """Wall-clock seconds this run has trained, over all its sessions (resume)."""
+        return self.seconds_before + (time.time() - self._session_start)
+
+    def _budget_lr_steps(self) -> None:
+        """``train.budget_lr_steps``: records the current iteration as the next lr step once its
+        fraction of the time budget has passed."""
+        tc = self.cfg.train
+        done = len(self.steps)
+        if done < len(tc.budget_lr_steps) and self.train_seconds() >= tc.budget_lr_steps[done] * tc.max_minutes * 60:
+            self.steps.append(self.iter)
+            console(f"lr step at iteration {self.iter}: {tc.budget_lr_steps[done]:.0%} of the "
+                    f"{tc.max_minutes} min budget used")
+
     def _step(self, batch, targets) -> dict:
         tc = self.cfg.train
+        if tc.budget_lr_steps:
+            self._budget_lr_steps()
         lr = lr_at(
             self.iter,
             base_lr=tc.lr,
@@ -440,7 +469,7 @@ class Trainer:
         self._evaluated_at = -1
         metrics: dict[str, float] = {}
         means = RunningMeans()
-        start_time = time.time()
+        self._session_start = time.time()
         stop_reason = None
         ipe = self.iters_per_epoch
         console(
@@ -493,7 +522,7 @@ class Trainer:
                             )
                     if self.iter >= self.total_iters:
                         stop_reason = "max_iters"
-                    elif tc.max_minutes > 0 and time.time() - start_time > tc.max_minutes * 60:
+                    elif tc.max_minutes > 0 and self.train_seconds() > tc.max_minutes * 60:
                         stop_reason = "time budget"
                         console(f"stopping: time budget of {tc.max_minutes} min reached at iteration {self.iter}")
                     if stop_reason is not None:
