@@ -252,8 +252,9 @@ class TrainConfig:
     epochs: int = 12
     max_iters: int = 0  # > 0: stop after this many iterations (overrides epochs)
     max_minutes: float = 0.0  # > 0: stop (and evaluate) after this wall-clock budget (summed over resumes)
+    optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.02
-    momentum: float = 0.9
+    momentum: float = 0.9  # (sgd only)
     weight_decay: float = 1e-4
     warmup_iters: int = 500
     warmup_ratio: float = 0.001

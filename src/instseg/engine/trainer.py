@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from instseg.config.load import ConfigError, dump_yaml, to_dict
-from instseg.config.schema import Config
+from instseg.config.schema import Config, TrainConfig
 from instseg.engine.checkpoint import (
     FORMAT,
     CheckpointError,
@@ -120,6 +120,19 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             keys.append(f"{prefix}{k}")
     return keys
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def build_optimizer(params: list[nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
+    """``train.optimizer``: ``sgd`` (mmdetection's default: momentum, L2 weight decay) or ``adamw``
+    (decoupled weight decay, torch's default betas; what the golden fixtures were trained with)."""
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {tc.optimizer!r}")
 
 
 class Trainer:
@@ -217,9 +230,7 @@ class Trainer:
             self._init_weights(tc.init_from)
         self.ema = ModelEMA(self.model, decay=tc.ema_decay, tau=tc.ema_tau) if tc.ema else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(
-            self.params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay
-        )
+        self.optimizer = build_optimizer(self.params, tc)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
         self.iter, self.epoch, self.batch_in_epoch = 0, 0, 0
