@@ -47,7 +47,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from instseg.api import PredictorError
     from instseg.video import VideoError
 
-    errors += [PredictorError, VideoError]
+    from instseg.serve import ServeError
+
+    errors += [PredictorError, VideoError, ServeError]
     try:
         from instseg.convert.mmdet import ConversionError
 
@@ -270,6 +272,17 @@ def _predict_images(predictor, files: list[Path], out_dir: Path, score_thr: floa
           f"image list: {out_dir / 'images.json'}")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from instseg.api import Predictor
+    from instseg.serve import _require, run
+
+    _require("fastapi"), _require("uvicorn"), _require("multipart")  # a missing extra fails before loading the model
+    predictor = Predictor(args.checkpoint, device=args.device or "auto", tta=args.tta, overrides=_flatten(args.set))
+    print(f"instseg serve: {predictor.arch} on {predictor.device}; open http://{args.host}:{args.port}/", flush=True)
+    run(predictor, args.host, args.port, max_upload_mb=args.max_upload_mb)
+    return 0
+
+
 _ARCH_NAMES = {"mask_rcnn": "Mask R-CNN", "cascade_mask_rcnn": "Cascade Mask R-CNN", "htc": "HTC",
                "retinanet": "RetinaNet", "yolact": "YOLACT", "rdsnet": "RDSNet"}
 
@@ -420,6 +433,16 @@ Videos (.mp4, .mkv, .avi, .mov, .webm, ...; needs the video extra, PyAV) and --c
 per frame: frame, time, detections with RLE masks)."""
 
 
+_SERVE_DESCRIPTION = """Serve a checkpoint over HTTP (FastAPI + uvicorn; needs the serve extra).
+
+  GET  /          a web page: upload an image, see the overlay and the detections
+  GET  /health    model, classes, device
+  POST /predict   multipart field 'file' = the image; query score_thr (default 0.3), overlay=true
+                  -> {"image", "detections" (COCO results with RLE masks and class_name), "categories"
+                  [, "overlay": PNG data URL]}
+Bad uploads get 400 (empty, no file), 413 (too large) or 415 (not an image) with {"detail": "..."}."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instseg", description="Instance segmentation: train, evaluate, predict.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -477,6 +500,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default=None, metavar="SPEC", help=TTA_HELP)
     _add_set(p, "model.score_thr=0.05 model.max_per_img=300")
     p.set_defaults(func=cmd_predict)
+
+    v = sub.add_parser("serve", help="serve a checkpoint over HTTP (POST /predict, GET /health, a web page at /)",
+                       description=_SERVE_DESCRIPTION, formatter_class=fmt)
+    v.add_argument("--checkpoint", required=True, metavar="PT", help=_CHECKPOINT_HELP)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    v.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB",
+                   help="larger uploads are refused with 413 (default 10)")
+    v.add_argument("--device", help="cpu | cuda | auto (default auto: CUDA when available)")
+    v.add_argument("--tta", default=None, metavar="SPEC", help=TTA_HELP)
+    _add_set(v, "model.max_per_img=300")
+    v.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("convert", help="convert foreign checkpoints (instseg convert -h)", add_help=False)
     c.set_defaults(func=None, passthrough=cmd_convert)
