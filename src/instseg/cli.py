@@ -225,9 +225,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         sources.append(f"camera:{args.camera}")
     if not sources:
         raise CliError("nothing to predict on: give image files, folders or videos (or --camera N)")
-    streams = [s for s in sources if Path(s).suffix.lower() in VIDEO_SUFFIXES or camera_device(s)]
+    # cameras are named camera:N (a bare number could be a file name)
+    cameras = [s for s in sources if s.startswith("camera:") and camera_device(s)]
+    streams = cameras + [s for s in sources if Path(s).suffix.lower() in VIDEO_SUFFIXES]
     for s in streams:
-        if not camera_device(s) and not Path(s).is_file():
+        if s not in cameras and not Path(s).is_file():
             raise FileNotFoundError(f"video file not found: {s}")
     files = collect_images([s for s in sources if s not in streams])
     predictor = Predictor(args.checkpoint, device=args.device or "auto", tta=args.tta, overrides=_flatten(args.set))
@@ -482,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="run a checkpoint on image files or folders", description=_PREDICT_DESCRIPTION,
                        formatter_class=fmt)
-    p.add_argument("inputs", nargs="*", metavar="PATH", help="image files, folders and/or video files")
+    p.add_argument("inputs", nargs="*", metavar="PATH", help="image files, folders, video files and/or camera:N")
     p.add_argument("--checkpoint", required=True, metavar="PT", help=_CHECKPOINT_HELP)
     p.add_argument("--images", nargs="+", metavar="PATH", help="image files and/or folders (same as PATH)")
     p.add_argument("--camera", type=int, metavar="N", help="also read camera N (/dev/videoN) until Ctrl-C or --max-frames")

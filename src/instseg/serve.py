@@ -120,7 +120,7 @@ def create_app(predictor, *, max_upload_mb: float = 10.0, max_pixels: int = 40_0
         data = await file.read(max_bytes + 1)
         if len(data) > max_bytes:
             return error(413, too_large)
-        decoded = decode_upload(data, max_pixels)
+        decoded = await run_in_threadpool(decode_upload, data, max_pixels)  # decoding a large photo takes a while
         if isinstance(decoded, tuple):
             return error(*decoded)
         name = file.filename or "upload"
