@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 import threading
 
 import numpy as np
@@ -115,3 +116,46 @@ def test_concurrent_requests_agree(served):
     for t in threads:
         t.join()
     assert [got[k] for k in range(4)] == expected
+
+
+def test_instseg_serve_command(tmp_path):
+    """``instseg serve`` as a user runs it: uvicorn on 127.0.0.1 answers /health, then stops on SIGINT."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    ckpt = tiny_checkpoint("retinanet", tmp_path / "r.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "instseg.cli", "serve", "--checkpoint", str(ckpt), "--port", str(port),
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    health = json.loads(r.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "instseg serve did not answer"
+                time.sleep(0.2)
+        assert health["model"] == "retinanet" and health["device"] == "cpu"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0]
+    assert f"open http://127.0.0.1:{port}/" in out
+
+
+def test_serve_without_the_extra_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from instseg.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if uvicorn were not installed
+    assert main(["serve", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "pip install 'instseg[serve]'" in capsys.readouterr().err
