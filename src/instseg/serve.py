@@ -61,6 +61,49 @@ def decode_upload(data: bytes, max_pixels: int):
     return arr
 
 
+class _BodyTooLarge(Exception):
+    """Raised while the request body is read, once it passes the limit (answered with 413)."""
+
+
+class _LimitBody:
+    """ASGI middleware: a request to ``path`` whose body is larger than ``max_bytes`` is refused
+    before the multipart parser spools it, by its Content-Length or, for a chunked upload, as soon
+    as the bytes received pass the limit (the app's exception handler turns that into a 413)."""
+
+    def __init__(self, app, *, path: str, max_bytes: int, message: str) -> None:
+        self.app, self.path, self.max_bytes, self.message = app, path, int(max_bytes), message
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("path") != self.path:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await _send_json(send, 413, {"detail": self.message})
+            return None
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message.get("type") == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        return await self.app(scope, counting_receive, send)
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    import json
+
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
 def create_app(predictor, *, max_upload_mb: float = 10.0, max_pixels: int = 40_000_000):
     """The ASGI app serving ``predictor`` (an ``instseg.Predictor``); see the module docstring."""
     fastapi = _require("fastapi")
@@ -81,14 +124,12 @@ def create_app(predictor, *, max_upload_mb: float = 10.0, max_pixels: int = 40_0
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"detail": message}, status_code=status)
 
-    @app.middleware("http")
-    async def refuse_large_bodies(request: Request, call_next):
-        # Refuse before the multipart parser spools the body: Content-Length covers the file plus
-        # a little form framing.
-        length = request.headers.get("content-length", "")
-        if request.url.path == "/predict" and length.isdigit() and int(length) > max_bytes + 64 * 1024:
-            return error(413, too_large)
-        return await call_next(request)
+    async def too_large_response(request: Request, exc: _BodyTooLarge) -> JSONResponse:
+        return error(413, too_large)
+
+    app.add_exception_handler(_BodyTooLarge, too_large_response)
+    # Form framing adds a little to the file's own size.
+    app.add_middleware(_LimitBody, path="/predict", max_bytes=max_bytes + 64 * 1024, message=too_large)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:

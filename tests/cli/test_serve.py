@@ -92,6 +92,35 @@ def test_bad_uploads_get_4xx_with_a_message(served):
     assert r.status_code == 422 and r.json()["detail"] == "score_thr: Input should be less than or equal to 1"
 
 
+def test_chunked_upload_is_refused_while_it_streams(served):
+    """Without a Content-Length the limit applies to the bytes as they arrive: the app stops
+    reading soon after the limit (0.05 MB + 64 kB of form framing) and answers 413."""
+    import asyncio
+
+    predictor, _ = served
+    app = create_app(predictor, max_upload_mb=0.05)
+    head = b'--xx\r\nContent-Disposition: form-data; name="file"; filename="a.bmp"\r\n\r\n'
+    chunks = [head] + [b"\0" * 10_000] * 40 + [b"\r\n--xx--\r\n"]
+    pulled, sent = [], []
+
+    async def receive():
+        pulled.append(1)
+        k = len(pulled) - 1
+        return {"type": "http.request", "body": chunks[k], "more_body": k + 1 < len(chunks)}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=xx"), (b"transfer-encoding", b"chunked")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert "0.05 MB" in json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["detail"]
+    assert len(pulled) < 20  # ~116 kB read of the 400 kB
+
+
 def test_too_many_pixels_is_413(served):
     predictor, _ = served
     client = TestClient(create_app(predictor, max_pixels=50 * 50))
