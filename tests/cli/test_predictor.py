@@ -124,6 +124,22 @@ def test_coco_dataset_exif_rule(tmp_path):
     assert tuple(ds[1].image.shape) == (3, 90, 120)  # annotated on the stored pixels
 
 
+def test_yolo_conversion_uses_the_displayed_size(tmp_path):
+    """YOLO-seg labels are normalised to the displayed (EXIF-turned) image, as the loader reads it."""
+    from instseg.data.coco import CocoDataset
+    from instseg.data.formats import yolo_seg_to_coco
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    _jpeg_with_orientation(tmp_path / "images" / "a.jpg", synthetic_image(3), 6)  # stored 90x120, shown 120x90
+    (tmp_path / "labels" / "a.txt").write_text("0 0.1 0.1 0.5 0.1 0.5 0.5 0.1 0.5\n")
+    coco, _ = yolo_seg_to_coco(tmp_path / "images", tmp_path / "labels", ["x"])
+    assert (coco["images"][0]["height"], coco["images"][0]["width"]) == (120, 90)
+    assert coco["annotations"][0]["bbox"] == pytest.approx([9, 12, 36, 48])
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    assert tuple(CocoDataset(tmp_path / "ann.json", tmp_path / "images")[0].image.shape) == (3, 120, 90)
+
+
 def test_import_instseg_stays_cheap():
     code = "import sys, instseg; assert 'torch' not in sys.modules; instseg.Predictor; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
