@@ -77,7 +77,8 @@ def _rate(stream) -> Fraction:
 
 def read_frames(source: str | int, max_frames: int | None = None) -> Iterator[tuple[int, float, np.ndarray]]:
     """``(index, time in seconds, (H, W, 3) uint8 RGB)`` for each decoded frame of a video file
-    or camera (see :func:`camera_device`), in decoding order."""
+    or camera (see :func:`camera_device`), in decoding order, turned as players show it when the
+    stream carries a display rotation (phone videos shot upright)."""
     container = _open(source)
     try:
         stream = container.streams.video[0]
@@ -86,9 +87,16 @@ def read_frames(source: str | int, max_frames: int | None = None) -> Iterator[tu
             if max_frames is not None and i >= max_frames:
                 break
             t = float(frame.time) if frame.time is not None else i / float(rate)
-            yield i, t, frame.to_ndarray(format="rgb24")
+            yield i, t, _as_displayed(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0))
     finally:
         container.close()
+
+
+def _as_displayed(rgb: np.ndarray, rotation: float | None) -> np.ndarray:
+    """The frame turned by its display matrix's rotation (PyAV: degrees counterclockwise, a
+    multiple of 90 in practice; mirroring in the matrix is not applied)."""
+    k = int(round((rotation or 0) / 90.0)) % 4
+    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
 
 
 class _Writer:

@@ -20,13 +20,15 @@ av = pytest.importorskip("av", reason="PyAV (the video extra) is not installed")
 N_FRAMES, FPS = 6, Fraction(12)
 
 
-def _write_lossless_clip(path, frames: list[np.ndarray]) -> None:
+def _write_lossless_clip(path, frames: list[np.ndarray], rotation: int = 0) -> None:
     """H.264 in RGB (libx264rgb) at crf 0: lossless, so decoded frames equal ``frames``."""
     with av.open(str(path), mode="w") as out:
         stream = out.add_stream("libx264rgb", rate=FPS)
         stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
         stream.pix_fmt = "rgb24"
         stream.options = {"crf": "0", "preset": "ultrafast"}
+        if rotation:
+            stream.set_display_rotation(rotation)
         for f in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         out.mux(stream.encode(None))
@@ -77,6 +79,18 @@ def test_video_batches_equal_image_mode_batches(tmp_path):
     for k, pred in enumerate(predictor(frames, batch_size=3)):
         got = [{key: v for key, v in d.items() if key != "class_name"} for d in lines[k]["detections"]]
         assert got == json.loads(json.dumps(pred.to_coco(image_id=k)))
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_display_rotation_is_applied(tmp_path, rotation):
+    """A phone video (landscape pixels + a display rotation) is read as players show it: PyAV's
+    rotation is counterclockwise, as np.rot90's."""
+    from instseg.video import read_frames
+
+    frames = [synthetic_image(k, 48, 64) for k in range(2)]
+    _write_lossless_clip(tmp_path / "r.mp4", frames, rotation)
+    got = [f for _, _, f in read_frames(tmp_path / "r.mp4")]
+    assert len(got) == 2 and all(np.array_equal(g, np.rot90(f, rotation // 90)) for g, f in zip(got, frames))
 
 
 def test_camera_and_bad_video_errors(tmp_path, capsys):
