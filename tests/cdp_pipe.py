@@ -28,7 +28,7 @@ def find_chromium() -> str | None:
     return None
 
 
-def install_chromium(timeout: float = 600) -> str:
+def install_chromium(timeout: float = 300) -> str:
     """Debian's ``chromium`` through apt-get when it is missing; returns its path, or raises
     ``RuntimeError`` saying why it could not be installed."""
     found = find_chromium()

@@ -20,14 +20,17 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
 
 __all__ = ["ImageInput", "Prediction", "Predictor", "PredictorError", "coco_records", "write_coco_json"]
 
 # What a Predictor accepts per image: a file path, a folder path, an (H, W, 3) uint8 RGB array, a PIL image.
-ImageInput = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
+ImageInput = Union[str, os.PathLike, np.ndarray, "PILImage.Image"]
 
 
 class PredictorError(ValueError):

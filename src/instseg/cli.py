@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 
@@ -43,13 +42,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from instseg.engine.checkpoint import CheckpointError
     from instseg.engine.logging import TensorBoardMissing
 
-    errors += [CheckpointError, TensorBoardMissing]
     from instseg.api import PredictorError
+    from instseg.serve import ServeError
     from instseg.video import VideoError
 
-    from instseg.serve import ServeError
-
-    errors += [PredictorError, VideoError, ServeError]
+    errors += [CheckpointError, TensorBoardMissing, PredictorError, VideoError, ServeError]
     try:
         from instseg.convert.mmdet import ConversionError
 
@@ -276,9 +273,10 @@ def _predict_images(predictor, files: list[Path], out_dir: Path, score_thr: floa
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from instseg.api import Predictor
-    from instseg.serve import _require, run
+    from instseg.serve import require_extra, run
 
-    _require("fastapi"), _require("uvicorn"), _require("multipart")  # a missing extra fails before loading the model
+    for module in ("fastapi", "uvicorn", "multipart"):  # a missing extra fails before the model loads
+        require_extra(module)
     predictor = Predictor(args.checkpoint, device=args.device or "auto", tta=args.tta, overrides=_flatten(args.set))
     print(f"instseg serve: {predictor.arch} on {predictor.device}; open http://{args.host}:{args.port}/", flush=True)
     run(predictor, args.host, args.port, max_upload_mb=args.max_upload_mb)

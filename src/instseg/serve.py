@@ -28,7 +28,8 @@ class ServeError(ValueError):
     """The serve extra missing, or a bad server setting (one-line message)."""
 
 
-def _require(module: str):
+def require_extra(module: str):
+    """Imports ``module`` of the serve extra, or raises :class:`ServeError` saying how to install it."""
     import importlib
 
     try:
@@ -106,8 +107,8 @@ async def _send_json(send, status: int, body: dict) -> None:
 
 def create_app(predictor, *, max_upload_mb: float = 10.0, max_pixels: int = 40_000_000):
     """The ASGI app serving ``predictor`` (an ``instseg.Predictor``); see the module docstring."""
-    fastapi = _require("fastapi")
-    _require("multipart")  # python-multipart, which FastAPI's form parsing needs
+    fastapi = require_extra("fastapi")
+    require_extra("multipart")  # python-multipart, which FastAPI's form parsing needs
     from fastapi import Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
@@ -186,7 +187,7 @@ def create_app(predictor, *, max_upload_mb: float = 10.0, max_pixels: int = 40_0
 
 def run(predictor, host: str = "127.0.0.1", port: int = 8000, **app_kw: Any) -> None:
     """Serves :func:`create_app` with uvicorn until interrupted."""
-    uvicorn = _require("uvicorn")
+    uvicorn = require_extra("uvicorn")
     uvicorn.run(create_app(predictor, **app_kw), host=host, port=int(port), log_level="info")
 
 

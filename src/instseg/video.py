@@ -144,6 +144,8 @@ def predict_video(
     ``OUT/NAME.mp4`` (overlays drawn as ``instseg predict`` draws images, detections with score
     >= ``score_thr``) and ``OUT/NAME.jsonl`` (those detections, one line per frame).  ``NAME`` is
     the file's stem, or ``cameraN``."""
+    if int(batch_size) < 1:
+        raise VideoError(f"batch_size must be >= 1, got {batch_size}")
     dev = camera_device(source)
     name = name or (f"camera{dev[len('/dev/video'):]}" if dev else Path(source).stem)
     out = Path(out_dir)
