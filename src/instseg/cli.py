@@ -1,4 +1,4 @@
-"""The ``instseg`` command line: ``train | eval | predict | convert | data | presets``.
+"""The ``instseg`` command line: ``train | eval | predict | serve | convert | data | presets``.
 
 Run ``instseg COMMAND -h`` for the options of a command.  Configuration errors, data errors,
 checkpoints that do not fit and missing files end with exit code 2 and a one-line message (no
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 
@@ -43,7 +42,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from instseg.engine.checkpoint import CheckpointError
     from instseg.engine.logging import TensorBoardMissing
 
-    errors += [CheckpointError, TensorBoardMissing]
+    from instseg.api import PredictorError
+    from instseg.serve import ServeError
+    from instseg.video import VideoError
+
+    errors += [CheckpointError, TensorBoardMissing, PredictorError, VideoError, ServeError]
     try:
         from instseg.convert.mmdet import ConversionError
 
@@ -174,6 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def update(cfg: Config) -> None:
         apply_overrides(cfg, [], _flatten(args.set))
         cfg.data.val_ann, cfg.data.val_images = str(args.ann), str(args.images)
+        cfg.data.val_fraction = 0.0  # --ann names the whole evaluation set (not a held-out part)
         cfg.data.val_stuff = str(args.stuff_dir or "")
         if args.max_dets is not None:
             cfg.data.max_dets = int(args.max_dets)
@@ -195,7 +199,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from instseg.engine import distributed as dist_utils
     from instseg.engine.amp import amp_dtype
 
-    device = resolve_device(args.device or cfg.train.device)
+    device = resolve_device(args.device or "auto")  # inference: wherever the checkpoint was trained
     owns_group = not dist_utils.is_initialized()
     dist_utils.init_from_env(device.type)  # under torchrun: each rank evaluates its shard of the images
     device = dist_utils.local_device(device)
@@ -228,53 +232,73 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from instseg.data import build_test_loader
-    from instseg.engine.checkpoint import load_model_from_checkpoint
-    from instseg.engine.inference import ImageFiles, collect_images, predict_dataset
-    from instseg.engine.trainer import resolve_device
-    from instseg.evaluation.coco import detections_to_coco, write_results_json
-    from instseg.structures import Detections
-    from instseg.visualize import save_overlay
+    from instseg.api import VIDEO_SUFFIXES, Predictor
+    from instseg.engine.inference import collect_images
+    from instseg.video import camera_device
 
-    files = collect_images(args.images)
-    model, cfg, classes = load_model_from_checkpoint(
-        args.checkpoint, "cpu", update_cfg=lambda c: apply_overrides(c, [], _flatten(args.set))
-    )
-    device = resolve_device(args.device or cfg.train.device)
-    model.to(device).optimize_for_inference()
-    dataset = ImageFiles(files, cfg.data)
-    model, dataset = _with_tta(model, dataset, args, cfg)
-    loader = build_test_loader(cfg.data, dataset, batch_size=1)
+    sources = list(args.inputs or []) + list(args.images or [])
+    if args.camera is not None:
+        sources.append(f"camera:{args.camera}")
+    if not sources:
+        raise CliError("nothing to predict on: give image files, folders or videos (or --camera N)")
+    # cameras are named camera:N (a bare number could be a file name)
+    cameras = [s for s in sources if s.startswith("camera:") and camera_device(s)]
+    streams = cameras + [s for s in sources if Path(s).suffix.lower() in VIDEO_SUFFIXES]
+    for s in streams:
+        if s not in cameras and not Path(s).is_file():
+            raise FileNotFoundError(f"video file not found: {s}")
+    files = collect_images([s for s in sources if s not in streams])
+    predictor = Predictor(args.checkpoint, device=args.device or "auto", tta=args.tta, overrides=_flatten(args.set))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cat_ids = [int(c) for c in classes["cat_ids"]]
-    names = list(classes.get("class_names") or [str(c) for c in cat_ids])
-    results, images = [], []
-    total = 0
+    draw_kw = dict(show_boxes=args.boxes, show_labels=args.labels)
+    if files:
+        _predict_images(predictor, files, out_dir, args.score_thr, args.batch_size, draw_kw)
+    for source in streams:
+        done = predictor.predict_video(source, out_dir, score_thr=args.score_thr, batch_size=args.batch_size,
+                                       max_frames=args.max_frames, **draw_kw)
+        print(f"{source}: {done.frames} frames at {done.fps:g} fps -> {done.video}, {done.jsonl}")
+    return 0
+
+
+def _predict_images(predictor, files: list[Path], out_dir: Path, score_thr: float, batch_size: int,
+                    draw_kw: dict) -> None:
+    """Overlay PNGs (``STEM.png``, ``STEM_1.png`` for a repeated stem), ``predictions.json`` and
+    ``images.json`` of ``files``."""
+    from tqdm import tqdm
+
+    from instseg.api import coco_records, write_coco_json
+
+    records, total = [], 0
     used_names: dict[str, int] = {}
-    for meta, dets in predict_dataset(model, loader, device, progress=True):
-        path = Path(meta.file_name)
-        h, w = meta.original_size
-        images.append({"id": meta.image_id, "file_name": str(path), "height": int(h), "width": int(w)})
-        total += len(dets)
-        keep = dets.scores >= args.score_thr
-        kept = Detections(dets.boxes[keep], dets.scores[keep], dets.labels[keep],
-                          None if dets.masks is None else dets.masks[keep])
-        for r in detections_to_coco(kept, meta.image_id, cat_ids):
-            r["file_name"] = str(path)
-            results.append(r)
-        stem = path.stem
+    bar = tqdm(total=len(files), desc="predict", leave=False, disable=not sys.stderr.isatty())
+    for pred in predictor.predict_iter(files, batch_size=batch_size):
+        total += len(pred)
+        stem = Path(pred.source).stem
         k = used_names.get(stem, 0)
         used_names[stem] = k + 1
-        png = out_dir / (f"{stem}.png" if k == 0 else f"{stem}_{k}.png")
-        save_overlay(png, dataset.load_image(meta.image_id), dets, names, score_thr=args.score_thr,
-                     show_boxes=args.boxes, show_labels=args.labels)
-    write_results_json(results, out_dir / "predictions.json")
-    categories = [{"id": c, "name": n} for c, n in zip(cat_ids, names)]
-    (out_dir / "images.json").write_text(json.dumps({"images": images, "categories": categories}, indent=1) + "\n")
-    print(f"{len(files)} images, {len(results)} detections with score >= {args.score_thr} "
-          f"({total - len(results)} below it left out)")
-    print(f"overlays: {out_dir}/*.png\npredictions (COCO results): {out_dir / 'predictions.json'}\nimage list: {out_dir / 'images.json'}")
+        pred.save(out_dir / (f"{stem}.png" if k == 0 else f"{stem}_{k}.png"), score_thr=score_thr, **draw_kw)
+        records.append(coco_records(pred, score_thr))  # RLE now: full-size masks are not kept
+        bar.update(1)
+    bar.close()
+    categories = [{"id": c, "name": n} for c, n in zip(predictor.cat_ids, predictor.classes)]
+    kept = write_coco_json(records, out_dir / "predictions.json", images_path=out_dir / "images.json",
+                           categories=categories)
+    print(f"{len(files)} images, {kept} detections with score >= {score_thr} "
+          f"({total - kept} below it left out)")
+    print(f"overlays: {out_dir}/*.png\npredictions (COCO results): {out_dir / 'predictions.json'}\n"
+          f"image list: {out_dir / 'images.json'}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from instseg.api import Predictor
+    from instseg.serve import require_extra, run
+
+    for module in ("fastapi", "uvicorn", "multipart"):  # a missing extra fails before the model loads
+        require_extra(module)
+    predictor = Predictor(args.checkpoint, device=args.device or "auto", tta=args.tta, overrides=_flatten(args.set))
+    print(f"instseg serve: {predictor.arch} on {predictor.device}; open http://{args.host}:{args.port}/", flush=True)
+    run(predictor, args.host, args.port, max_upload_mb=args.max_upload_mb)
     return 0
 
 
@@ -420,11 +444,24 @@ per_class_{bbox,segm}.csv, pr_{bbox,segm}.png (precision-recall curves) and
 confusion_{bbox,segm}.{csv,png} (confusion matrix at IoU 0.5 with a background row and column).
 An image that cannot be read is left out with a warning and listed in metrics.json."""
 
-_PREDICT_DESCRIPTION = """Run a checkpoint on image files or folders.
+_PREDICT_DESCRIPTION = """Run a checkpoint on image files, folders, videos or a camera.
 
-Writes to --out: one overlay PNG per image (masks coloured by class), predictions.json (COCO
-results of the detections with score >= --score-thr, each with its file_name) and images.json
-(the image list and categories)."""
+Images (read with their EXIF orientation applied) -> --out: one overlay PNG per image (masks
+coloured by class), predictions.json (COCO results of the detections with score >= --score-thr,
+each with its file_name) and images.json (the image list and categories).
+Videos (.mp4, .mkv, .avi, .mov, .webm, ...; needs the video extra, PyAV) and --camera N ->
+--out/NAME.mp4 (the overlays, one per frame, same frame rate) and --out/NAME.jsonl (one JSON line
+per frame: frame, time, detections with RLE masks)."""
+
+
+_SERVE_DESCRIPTION = """Serve a checkpoint over HTTP (FastAPI + uvicorn; needs the serve extra).
+
+  GET  /          a web page: upload an image, see the overlay and the detections
+  GET  /health    model, classes, device
+  POST /predict   multipart field 'file' = the image; query score_thr (default 0.3), overlay=true
+                  -> {"image", "detections" (COCO results with RLE masks and class_name), "categories"
+                  [, "overlay": PNG data URL]}
+Bad uploads get 400 (empty, no file), 413 (too large) or 415 (not an image) with {"detail": "..."}."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -459,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", metavar="DIR", help="output folder (default: RUN/eval_<checkpoint stem>)")
     e.add_argument("--confusion-score-thr", type=float, default=0.3, metavar="S",
                    help="detections scoring below S are left out of the confusion matrix (default 0.3)")
-    e.add_argument("--device", help="cpu | cuda | auto (default: the checkpoint's train.device)")
+    e.add_argument("--device", help="cpu | cuda | auto (default auto: CUDA when available)")
     e.add_argument("--tta", default=None, metavar="SPEC", help=TTA_HELP)
     e.add_argument("--amp", default="", choices=["", "fp16", "bf16"],
                    help="mixed-precision inference: fp16 (CUDA) or bf16 autocast; box decoding and NMS stay float32")
@@ -468,19 +505,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="run a checkpoint on image files or folders", description=_PREDICT_DESCRIPTION,
                        formatter_class=fmt)
+    p.add_argument("inputs", nargs="*", metavar="PATH", help="image files, folders, video files and/or camera:N")
     p.add_argument("--checkpoint", required=True, metavar="PT", help=_CHECKPOINT_HELP)
-    p.add_argument("--images", required=True, nargs="+", metavar="PATH", help="image files and/or folders")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (overlays, predictions.json, images.json)")
+    p.add_argument("--images", nargs="+", metavar="PATH", help="image files and/or folders (same as PATH)")
+    p.add_argument("--camera", type=int, metavar="N", help="also read camera N (/dev/videoN) until Ctrl-C or --max-frames")
+    p.add_argument("--max-frames", type=int, metavar="N", help="stop each video / camera after N frames")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per model call (default 1)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (overlays, predictions.json, images.json; NAME.mp4 + NAME.jsonl per video)")
     p.add_argument("--score-thr", type=float, default=0.3, metavar="S",
                    help="keep detections with score >= S, in predictions.json and in the overlays (default 0.3)")
     p.add_argument("--boxes", action=argparse.BooleanOptionalAction, default=None,
                    help="draw boxes (default: only while an image shows at most 40 detections)")
     p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=None,
                    help="draw 'class score' labels (default: only while an image shows at most 40 detections)")
-    p.add_argument("--device", help="cpu | cuda | auto (default: the checkpoint's train.device)")
+    p.add_argument("--device", help="cpu | cuda | auto (default auto: CUDA when available)")
     p.add_argument("--tta", default=None, metavar="SPEC", help=TTA_HELP)
     _add_set(p, "model.score_thr=0.05 model.max_per_img=300")
     p.set_defaults(func=cmd_predict)
+
+    v = sub.add_parser("serve", help="serve a checkpoint over HTTP (POST /predict, GET /health, a web page at /)",
+                       description=_SERVE_DESCRIPTION, formatter_class=fmt)
+    v.add_argument("--checkpoint", required=True, metavar="PT", help=_CHECKPOINT_HELP)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    v.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB",
+                   help="larger uploads are refused with 413 (default 10)")
+    v.add_argument("--device", help="cpu | cuda | auto (default auto: CUDA when available)")
+    v.add_argument("--tta", default=None, metavar="SPEC", help=TTA_HELP)
+    _add_set(v, "model.max_per_img=300")
+    v.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("convert", help="convert foreign checkpoints (instseg convert -h)", add_help=False)
     c.set_defaults(func=None, passthrough=cmd_convert)

@@ -170,6 +170,33 @@ def test_time_budget_stops_and_resumes_exactly(tiny_data, straight_run, tmp_path
     )
 
 
+def test_budget_lr_steps_follow_the_time_budget(tiny_data, tmp_path, monkeypatch):
+    """``train.budget_lr_steps=(0.5,)``: lr drops once, when half the budget has passed (a fake
+    clock that advances 1 s per reading), the iteration is recorded, the run ends at the budget."""
+    import instseg.engine.trainer as trainer_module
+
+    clock = {"t": 1000.0}
+
+    def fake_time():
+        clock["t"] += 1.0
+        return clock["t"]
+
+    monkeypatch.setattr(trainer_module.time, "time", fake_time)
+    run_dir = tmp_path / "budget_steps"
+    cfg = tiny_cfg(*tiny_data, max_minutes=0.5, budget_lr_steps=(0.5,), max_iters=1000, eval_interval=0,
+                   warmup_iters=0)
+    res = train(cfg, run_dir=run_dir, model_builder=builder)
+    assert res["stopped"] == "time budget" and 4 < res["iter"] < 1000
+    lrs = [json.loads(x)["lr"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+           if json.loads(x)["mode"] == "train"]
+    step = load_checkpoint(run_dir / "checkpoints" / "last.pt")["lr_steps_taken"]
+    assert len(step) == 1 and 0 < step[0] < res["iter"]
+    assert lrs[: step[0]] == [pytest.approx(0.05)] * step[0]
+    assert lrs[step[0]:] == [pytest.approx(0.005)] * (len(lrs) - step[0])
+    with pytest.raises(Exception, match="max_minutes"):
+        train(tiny_cfg(*tiny_data, budget_lr_steps=(0.5,)), run_dir=tmp_path / "bad", model_builder=builder)
+
+
 def test_run_dir_contents(straight_run):
     run_dir, res = straight_run
     assert (run_dir / "config.yaml").is_file()

@@ -48,3 +48,19 @@ def test_steps_to_iters():
 def test_negative_iteration_rejected():
     with pytest.raises(ValueError):
         lr_at(-1, **BASE)
+
+
+def test_build_optimizer_sgd_adamw_and_unknown():
+    from torch import nn
+
+    from instseg.config.load import ConfigError
+    from instseg.config.schema import TrainConfig
+    from instseg.engine.trainer import build_optimizer
+
+    params = list(nn.Linear(2, 2).parameters())
+    sgd = build_optimizer(params, TrainConfig(lr=0.1, momentum=0.8, weight_decay=1e-3))
+    assert type(sgd).__name__ == "SGD" and sgd.defaults["momentum"] == 0.8
+    adamw = build_optimizer(params, TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05))
+    assert type(adamw).__name__ == "AdamW" and adamw.defaults["weight_decay"] == 0.05
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        build_optimizer(params, TrainConfig(optimizer="lamb"))

@@ -238,6 +238,10 @@ class DataConfig:
     batch_size: int = 2
     num_workers: int = 0
     strict: bool = False  # raise on a bad sample instead of skipping it with a warning
+    # with no val_ann: hold out this fraction of the training images (a seeded random choice) as the
+    # validation split that evaluation and best.pt use; 0 = none
+    val_fraction: float = 0.0
+    split_seed: int = 0  # the seed of that choice (fixed, so train and eval agree on the split)
     max_dets: int = 100  # COCOeval maxDets (nuclei needs 400)
 
 
@@ -247,13 +251,17 @@ class TrainConfig:
 
     epochs: int = 12
     max_iters: int = 0  # > 0: stop after this many iterations (overrides epochs)
-    max_minutes: float = 0.0  # > 0: stop (and evaluate) after this wall-clock budget
+    max_minutes: float = 0.0  # > 0: stop (and evaluate) after this wall-clock budget (summed over resumes)
+    optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.02
-    momentum: float = 0.9
+    momentum: float = 0.9  # (sgd only)
     weight_decay: float = 1e-4
     warmup_iters: int = 500
     warmup_ratio: float = 0.001
     lr_steps: tuple[int, ...] = (8, 11)  # epochs (or iterations when max_iters > 0) at which lr *= 0.1
+    # fractions of the max_minutes budget at which lr *= 0.1 (replaces lr_steps; the iteration each
+    # happens at is recorded, so a resumed run keeps it): a schedule that ends with the budget
+    budget_lr_steps: tuple[float, ...] = ()
     grad_clip: float = 0.0  # max grad norm; 0 = off
     # mixed precision on CUDA: "" (float32) | fp16 (with a grad scaler) | bf16; true/false of older
     # configs read as fp16 / "" (instseg.engine.amp.parse_amp)

@@ -32,7 +32,10 @@ from instseg.ops.boxes import EPS
 from instseg.structures.instances import IGNORE_LABEL, ImageTargets
 
 STYLES = ("yolact", "mmdet")
-AUGMENTATIONS = ("photometric_yolact", "photometric_mmdet", "expand", "crop_yolact", "crop_mmdet", "filter_small")
+AUGMENTATIONS = (
+    "photometric_yolact", "photometric_mmdet", "expand", "crop_yolact", "crop_mmdet", "filter_small",
+    "vflip", "rot90", "lsj", "copy_paste",
+)
 FLT_EPSILON = 1.1920929e-07  # the epsilon of OpenCV's float RGB <-> HSV conversion
 
 
@@ -506,9 +509,25 @@ class FilterSmallBoxes:
 
 
 # ---------------------------------------------------------------------------------- registry
-def build_augmentation(name: str, mean: Sequence[float] = (123.675, 116.28, 103.53)) -> Callable[[Sample], Sample]:
+def build_augmentation(
+    name: str, mean: Sequence[float] = (123.675, 116.28, 103.53), scale: tuple[int, int] = (1333, 800)
+) -> Callable[[Sample], Sample]:
     """The augmentation called ``name`` (one of ``AUGMENTATIONS``) with its reference settings;
-    ``mean`` (RGB) fills the expand canvas."""
+    ``mean`` (RGB) fills the expand canvas; ``scale`` (``data.scale``) is large-scale jitter's
+    reference size.  ``vflip``, ``rot90``, ``lsj`` live in ``instseg.data.geometric`` and
+    ``copy_paste`` in ``instseg.data.copy_paste`` (imported here lazily: they build on this module)."""
+    if name in ("vflip", "rot90", "lsj"):
+        from instseg.data import geometric
+
+        if name == "vflip":
+            return geometric.RandomVerticalFlip()
+        if name == "rot90":
+            return geometric.RandomRot90()
+        return geometric.LargeScaleJitter(scale)
+    if name == "copy_paste":
+        from instseg.data.copy_paste import CopyPaste
+
+        return CopyPaste()
     if name == "photometric_yolact":
         return PhotometricDistort("yolact")
     if name == "photometric_mmdet":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
+
 from torch.utils.data import DataLoader, Dataset
 
 from instseg.config.schema import DataConfig
@@ -29,32 +31,67 @@ def build_dataset(
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if semantic not in SEMANTIC_MODES:
         raise ValueError(f"semantic must be one of {SEMANTIC_MODES}, got {semantic!r}")
-    ann = getattr(cfg, f"{split}_ann")
-    images = getattr(cfg, f"{split}_images")
+    held_out = uses_holdout(cfg)
+    files = "train" if held_out else split  # a held-out val split is read from the training files
+    ann = getattr(cfg, f"{files}_ann")
+    images = getattr(cfg, f"{files}_images")
     if not ann:
         raise DataError(f"data.{split}_ann is empty: set it to a COCO instances JSON file")
     if not images:
         raise DataError(f"data.{split}_images is empty: set it to the folder of the {split} images")
     stuff = None
     if semantic == "stuff":
-        stuff = getattr(cfg, f"{split}_stuff")
+        stuff = getattr(cfg, f"{files}_stuff")
         if not stuff:
             raise DataError(
-                f"data.{split}_stuff is empty but semantic targets 'stuff' were requested: set "
+                f"data.{files}_stuff is empty but semantic targets 'stuff' were requested: set "
                 f"data.{split}_stuff to a folder of COCO-Stuff-style PNG maps, or set "
                 "model.semantic_targets=derive (things-only maps from the instances) or none"
             )
     train = split == "train"
-    return CocoDataset(
+    transforms = build_transforms(cfg, train=train)
+    ds = CocoDataset(
         ann,
         images,
         stuff_dir=stuff,
-        transforms=build_transforms(cfg, train=train),
+        transforms=transforms,
         filter_empty=train,
         strict=cfg.strict,
         semantic_from_instances=semantic == "derive",
         num_semantic_classes=num_semantic_classes,
     )
+    if held_out:
+        train_ids, val_ids = holdout_split(ds.all_image_ids(), cfg.val_fraction, cfg.split_seed)
+        ds.restrict(train_ids if train else val_ids)
+        if len(ds) == 0:
+            raise DataError(f"data.val_fraction={cfg.val_fraction} leaves no {split} images of {ann}")
+    for t in transforms:  # copy-paste draws its donors from the dataset it augments
+        if hasattr(t, "bind_dataset"):
+            t.bind_dataset(ds)
+    return ds
+
+
+def uses_holdout(cfg: DataConfig) -> bool:
+    """Whether the validation split is held out of the training images (``data.val_fraction``)."""
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise DataError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.val_fraction > 0 and cfg.val_ann:
+        raise DataError(
+            f"data.val_fraction={cfg.val_fraction} and data.val_ann={cfg.val_ann} are both set: "
+            "use a separate validation file or a held-out fraction of the training images, not both"
+        )
+    return cfg.val_fraction > 0
+
+
+def holdout_split(image_ids: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Splits image ids into (train, val): ``round(fraction * n)`` ids (at least 1) chosen by a
+    seeded permutation of the sorted ids, so the split depends only on the ids, ``fraction`` and
+    ``seed`` (not on the JSON's order).  Both lists keep the input order."""
+    ids = sorted(int(i) for i in image_ids)
+    num_val = max(1, round(fraction * len(ids)))
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(int(seed))).tolist()
+    val = {ids[k] for k in perm[:num_val]}
+    return [i for i in image_ids if i not in val], [i for i in image_ids if i in val]
 
 
 def build_train_loader(

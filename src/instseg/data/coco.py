@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
@@ -104,13 +104,17 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    """Decodes an image file to ``(H, W, 3)`` uint8 RGB; any failure becomes a ``DataError``."""
+def load_rgb(path: Path, *, exif: bool = True) -> np.ndarray:
+    """Decodes an image file to ``(H, W, 3)`` uint8 RGB; any failure becomes a ``DataError``.
+
+    With ``exif`` (default) the EXIF orientation tag is applied (``PIL.ImageOps.exif_transpose``),
+    so a phone photo comes out as it is displayed, as cv2 / mmcv / detectron2 read it.
+    """
     if not path.is_file():
         raise DataError(f"{path}: image file not found (field 'file_name' of the annotation file)")
     try:
         with Image.open(path) as im:
-            arr = np.array(im.convert("RGB"))
+            arr = np.array((ImageOps.exif_transpose(im) if exif else im).convert("RGB"))
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
         raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e}); expected a readable image file") from e
     return arr
@@ -118,6 +122,11 @@ def load_rgb(path: Path) -> np.ndarray:
 
 class CocoDataset(torch.utils.data.Dataset):
     """COCO instance annotations (+ COCO-Stuff maps) as ``Sample`` objects.
+
+    EXIF orientation: images are read as displayed (the orientation tag applied, as mmdetection's
+    cv2 reader does), which is what annotation tools show their users.  When that reading is
+    rotated by 90 degrees against the JSON's ``height``/``width`` but the stored pixels match them,
+    the annotations were made on the stored pixels and the tag is ignored for that image.
 
     Args:
         ann_file: COCO instances JSON.
@@ -349,6 +358,15 @@ class CocoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def all_image_ids(self) -> list[int]:
+        """Every image id of the JSON, in its order (before ``filter_empty`` and ``restrict``)."""
+        return list(self._images)
+
+    def restrict(self, image_ids) -> None:
+        """Keeps only the images whose id is in ``image_ids`` (a held-out split)."""
+        wanted = {int(i) for i in image_ids}
+        self.image_ids = [i for i in self.image_ids if i in wanted]
+
     def aspect_ratios(self) -> list[float]:
         """``w / h`` of every image (from the JSON, no decoding)."""
         return [self._images[i]["width"] / self._images[i]["height"] for i in self.image_ids]
@@ -361,12 +379,23 @@ class CocoDataset(torch.utils.data.Dataset):
         return load_rgb(self.image_dir / self.image_info(i)["file_name"])
 
     def __getitem__(self, i: int) -> Sample:
+        sample = self.load(i)
+        if self.transforms is not None:
+            sample = self.transforms(sample)
+        return sample
+
+    def load(self, i: int) -> Sample:
+        """Sample ``i`` as read from disk, before the transforms (copy-paste's donors)."""
         if i < 0:
             i += len(self)
         info = self.image_info(i)
         path = self.image_dir / info["file_name"]
         arr = load_rgb(path)
         h, w = int(info["height"]), int(info["width"])
+        if arr.shape[:2] == (w, h) != (h, w):
+            # An EXIF rotation by 90 degrees whose unrotated size is the JSON's: the annotation tool
+            # worked on the stored pixels, so the annotations are in that frame; read them so.
+            arr = load_rgb(path, exif=False)
         if arr.shape[:2] != (h, w):
             raise DataError(f"{path}: decoded size (h={arr.shape[0]}, w={arr.shape[1]}) differs from "
                             f"fields 'height'/'width' = ({h}, {w}) of image id {info['id']} in {self.ann_file}")
@@ -397,8 +426,6 @@ class CocoDataset(torch.utils.data.Dataset):
             meta=ImageMeta(int(info["id"]), str(info["file_name"]), (h, w), (h, w), (1.0, 1.0), False),
             generator=torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i)),
         )
-        if self.transforms is not None:
-            sample = self.transforms(sample)
         return sample
 
     # ------------------------------------------------------------------ per-image helpers

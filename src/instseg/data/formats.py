@@ -94,10 +94,13 @@ def _image_files(images_dir: Path) -> list[Path]:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the file header (no decoding)."""
+    """``(width, height)`` from the file header (no decoding), as displayed: EXIF orientations 5-8
+    turn the image by 90 degrees.  YOLO tools and LabelMe label the displayed image, and
+    ``CocoDataset`` reads it so."""
     try:
         with Image.open(path) as im:
-            return int(im.width), int(im.height)
+            turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
+            return (int(im.height), int(im.width)) if turned else (int(im.width), int(im.height))
     except Exception as e:
         raise FormatError(f"{path}: cannot read the image size ({type(e).__name__}: {e})") from e
 

@@ -124,23 +124,33 @@ class Resize:
             (nw, nh), _ = rescale_size(w, h, self.target_scale(sample))
         else:
             nw, nh = self.scale
-        sx, sy = nw / w, nh / h
-        image = sample.image
-        if (nh, nw) != (h, w):
-            image = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=False)[0]
-            image = image.round_().clamp_(0, 255)
-        t = sample.targets
-        boxes = _scale_boxes(t.boxes, sx, sy, nw, nh)
-        crowd = None if t.crowd_boxes is None else _scale_boxes(t.crowd_boxes, sx, sy, nw, nh)
-        masks = None if t.masks is None else t.masks.resize((nh, nw))
-        semantic = t.semantic
-        if semantic is not None and semantic.shape[-2:] != (nh, nw):
-            semantic = resize_nearest(semantic, (nh, nw))
-        m = sample.meta
-        osx, osy = m.scale_factor
-        meta = replace(m, image_size=(nh, nw), scale_factor=(osx * sx, osy * sy))
-        targets = replace(t, boxes=boxes, masks=masks, semantic=semantic, crowd_boxes=crowd)
-        return replace(sample, image=image, targets=targets, meta=meta)
+        return resize_sample(sample, (nw, nh))
+
+
+def resize_sample(sample: Sample, size: tuple[int, int]) -> Sample:
+    """Deterministic resize of a sample to ``size = (w, h)``: image bilinear (see ``Resize``), boxes
+    scaled per axis and clipped, masks and semantic map nearest; ``meta.scale_factor`` updated."""
+    h, w = int(sample.image.shape[-2]), int(sample.image.shape[-1])
+    nw, nh = int(size[0]), int(size[1])
+    if nw <= 0 or nh <= 0:
+        raise ValueError(f"resize size must be positive (w, h), got {size}")
+    sx, sy = nw / w, nh / h
+    image = sample.image
+    if (nh, nw) != (h, w):
+        image = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=False)[0]
+        image = image.round_().clamp_(0, 255)
+    t = sample.targets
+    boxes = _scale_boxes(t.boxes, sx, sy, nw, nh)
+    crowd = None if t.crowd_boxes is None else _scale_boxes(t.crowd_boxes, sx, sy, nw, nh)
+    masks = None if t.masks is None else t.masks.resize((nh, nw))
+    semantic = t.semantic
+    if semantic is not None and semantic.shape[-2:] != (nh, nw):
+        semantic = resize_nearest(semantic, (nh, nw))
+    m = sample.meta
+    osx, osy = m.scale_factor
+    meta = replace(m, image_size=(nh, nw), scale_factor=(osx * sx, osy * sy))
+    targets = replace(t, boxes=boxes, masks=masks, semantic=semantic, crowd_boxes=crowd)
+    return replace(sample, image=image, targets=targets, meta=meta)
 
 
 def _scale_boxes(boxes: Tensor, sx: float, sy: float, w: int, h: int) -> Tensor:
@@ -217,12 +227,15 @@ def build_transforms(cfg: DataConfig, train: bool) -> Compose:
     crop_yolact)``; mmdet's is ``(filter_small, expand, crop_mmdet)`` with
     ``train_pipeline_post = (photometric_mmdet,)``.
     """
-    pre = [build_augmentation(n, cfg.mean) for n in cfg.train_pipeline]
-    post = [build_augmentation(n, cfg.mean) for n in cfg.train_pipeline_post]
+    pre = [build_augmentation(n, cfg.mean, scale=tuple(cfg.scale)) for n in cfg.train_pipeline]
+    post = [build_augmentation(n, cfg.mean, scale=tuple(cfg.scale)) for n in cfg.train_pipeline_post]
     short_range = tuple(cfg.train_short_range)
     use_range = train and short_range != (0, 0)
     resize = Resize(tuple(cfg.scale), short_range if use_range else None, keep_ratio=cfg.keep_ratio)
-    ts: list[Transform] = (pre if train else []) + [resize]
+    # a scale-jitter augmentation (``lsj``) is the training resize itself: a Resize after it
+    # would undo the jitter
+    jitter_resizes = train and any(getattr(t, "replaces_resize", False) for t in pre)
+    ts: list[Transform] = (pre if train else []) + ([] if jitter_resizes else [resize])
     if train and cfg.flip_prob > 0:
         ts.append(RandomFlip(cfg.flip_prob))
     if train:

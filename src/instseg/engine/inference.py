@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -344,12 +345,18 @@ class ImageFiles(torch.utils.data.Dataset):
         return load_rgb(self.files[i])
 
     def __getitem__(self, i: int):
-        from instseg.data.coco import ImageMeta, Sample
-        from instseg.structures import ImageTargets
+        return image_sample(self.load_image(i), i, str(self.files[i]), self.transforms)
 
-        arr = self.load_image(i)
-        h, w = int(arr.shape[0]), int(arr.shape[1])
-        image = torch.from_numpy(arr).permute(2, 0, 1).float()
-        targets = ImageTargets(boxes=torch.zeros((0, 4)), labels=torch.zeros((0,), dtype=torch.int64))
-        meta = ImageMeta(i, str(self.files[i]), (h, w), (h, w), (1.0, 1.0), False)
-        return self.transforms(Sample(image=image, targets=targets, meta=meta))
+
+def image_sample(arr, image_id: int, file_name: str, transforms):
+    """An un-annotated ``(H, W, 3)`` uint8 RGB array as a ``Sample`` passed through ``transforms``
+    (the test transforms, or ``raw_transforms()`` for TTA): what every prediction path feeds the
+    model, so files, arrays, video frames and uploads are preprocessed alike."""
+    from instseg.data.coco import ImageMeta, Sample
+    from instseg.structures import ImageTargets
+
+    h, w = int(arr.shape[0]), int(arr.shape[1])
+    image = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+    targets = ImageTargets(boxes=torch.zeros((0, 4)), labels=torch.zeros((0,), dtype=torch.int64))
+    meta = ImageMeta(int(image_id), str(file_name), (h, w), (h, w), (1.0, 1.0), False)
+    return transforms(Sample(image=image, targets=targets, meta=meta))

@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from instseg.config.load import ConfigError, dump_yaml, to_dict
-from instseg.config.schema import Config
+from instseg.config.schema import Config, TrainConfig
 from instseg.engine import distributed as dist_utils
 from instseg.engine.amp import amp_dtype, autocast
 from instseg.engine.checkpoint import (
@@ -144,6 +144,19 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def build_optimizer(params: list[nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
+    """``train.optimizer``: ``sgd`` (mmdetection's default: momentum, L2 weight decay) or ``adamw``
+    (decoupled weight decay, torch's default betas; what the golden fixtures were trained with)."""
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {tc.optimizer!r}")
+
+
 class Trainer:
     """Trains ``cfg`` (see module docstring). ``model_builder`` defaults to ``zoo.build_model``."""
 
@@ -217,7 +230,7 @@ class Trainer:
             n = self.train_ds.check_stuff_maps(progress=True)
             console(f"checked {n} stuff maps in {self.train_ds.stuff_dir}")
         self.val_ds = None
-        if cfg.data.val_ann:
+        if cfg.data.val_ann or cfg.data.val_fraction > 0:
             self.val_ds = build_dataset(cfg.data, "val")
             unknown = sorted(set(int(c) for c in self.val_ds.cat_ids) - set(self.cat_ids))
             if unknown:
@@ -247,12 +260,18 @@ class Trainer:
         self._maybe_sync_bn()
         self.ema = ModelEMA(self.model, decay=tc.ema_decay, tau=tc.ema_tau) if tc.ema else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(
-            self.params, lr=self.base_lr, momentum=tc.momentum, weight_decay=tc.weight_decay
-        )
+        self.optimizer = build_optimizer(self.params, tc)  # its lr is set every step (_step: self.base_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
         self.iter, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.seconds_before = 0.0  # training time of earlier sessions of this run (resume)
+        self._session_start = time.time()
+        if tc.budget_lr_steps:
+            if tc.max_minutes <= 0:
+                raise ConfigError("train.budget_lr_steps are fractions of train.max_minutes: set train.max_minutes > 0")
+            if any(not 0.0 < f < 1.0 for f in tc.budget_lr_steps):
+                raise ConfigError(f"train.budget_lr_steps must be fractions in (0, 1), got {list(tc.budget_lr_steps)}")
+            self.steps = []  # filled with the iteration at which each budget fraction is reached
         self.best: dict[str, Any] = {"metric": None, "value": None}
         self.early_stop: dict[str, Any] = {"bad_evals": 0}
         self.skipped_steps = 0
@@ -400,6 +419,9 @@ class Trainer:
         self.best = dict(state.get("best") or self.best)
         self.early_stop = dict(state.get("early_stop") or self.early_stop)
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.seconds_before = float(state.get("train_seconds") or 0.0)
+        if self.cfg.train.budget_lr_steps:
+            self.steps = [int(v) for v in state.get("lr_steps_taken") or []]
         if self.ema is not None:
             if state.get("ema"):
                 try:
@@ -430,6 +452,8 @@ class Trainer:
             "early_stop": dict(self.early_stop),
             "skipped_steps": self.skipped_steps,
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "train_seconds": self.train_seconds(),
+            "lr_steps_taken": list(self.steps) if self.cfg.train.budget_lr_steps else None,
         }
 
     # ------------------------------------------------------------------------------ loop
@@ -460,7 +484,9 @@ class Trainer:
             record["images_left_out"] = [x.file_name for x in outcome.left_out]
             for x in outcome.left_out:
                 console(f"warning: evaluation left out {x.file_name}: {x.reason}")
-        console(f"[iter {self.iter}] COCO evaluation on {self.cfg.data.val_ann}:\n{format_metrics(metrics)}")
+        where = self.cfg.data.val_ann or (
+            f"{len(self.val_ds)} images held out of {self.cfg.data.train_ann} (data.val_fraction)")
+        console(f"[iter {self.iter}] COCO evaluation on {where}:\n{format_metrics(metrics)}")
         key = primary_metric(metrics)
         if key is not None:
             value = float(metrics[key])
@@ -492,8 +518,27 @@ class Trainer:
         return (f"early stopping: {self.best.get('metric')} did not improve for {bad} evaluations "
                 f"(train.patience={patience}; best {self.best.get('value'):.4f} at iteration {self.best.get('iter')})")
 
+    def train_seconds(self) -> float:
+        """Wall-clock seconds this run has trained, over all its sessions (resume)."""
+        return self.seconds_before + (time.time() - self._session_start)
+
+    def _budget_lr_steps(self) -> None:
+        """``train.budget_lr_steps``: records the current iteration as the next lr step once its
+        fraction of the time budget has passed."""
+        tc = self.cfg.train
+        done = len(self.steps)
+        # rank 0's clock decides for all ranks: ranks with different lr steps would drift apart
+        if done < len(tc.budget_lr_steps) and dist_utils.broadcast_object(
+            self.train_seconds() >= tc.budget_lr_steps[done] * tc.max_minutes * 60
+        ):
+            self.steps.append(self.iter)
+            console(f"lr step at iteration {self.iter}: {tc.budget_lr_steps[done]:.0%} of the "
+                    f"{tc.max_minutes} min budget used")
+
     def _step(self, batch, targets) -> dict:
         tc = self.cfg.train
+        if tc.budget_lr_steps:
+            self._budget_lr_steps()
         lr = lr_at(
             self.iter,
             base_lr=self.base_lr,
@@ -549,7 +594,7 @@ class Trainer:
         self._evaluated_at = -1
         metrics: dict[str, float] = {}
         means = RunningMeans()
-        start_time = time.time()
+        self._session_start = time.time()
         stop_reason = None
         ipe = self.iters_per_epoch
         console(
@@ -602,7 +647,7 @@ class Trainer:
                     if self.iter >= self.total_iters:
                         stop_reason = "max_iters"
                     elif tc.max_minutes > 0 and dist_utils.broadcast_object(
-                        time.time() - start_time > tc.max_minutes * 60  # rank 0's clock decides for all
+                        self.train_seconds() > tc.max_minutes * 60  # rank 0's clock decides for all ranks
                     ):
                         stop_reason = "time budget"
                         console(f"stopping: time budget of {tc.max_minutes} min reached at iteration {self.iter}")

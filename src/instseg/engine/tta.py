@@ -197,12 +197,19 @@ def raw_transforms():
     return Compose([])
 
 
+def tta_model(model, spec: str, data_cfg):
+    """``model`` unchanged when ``spec`` is empty; else wrapped in :class:`TTAModel`, which must be
+    fed images through :func:`raw_transforms` instead of the test transforms.  A bad ``spec``, or
+    a model without an RoI head, is a ``ValueError``."""
+    if not spec:
+        return model
+    return TTAModel(model, parse_tta(spec, data_cfg))
+
+
 def wrap_for_tta(model, dataset, spec: str, data_cfg):
     """``(model, dataset)`` unchanged when ``spec`` is empty; else the model wrapped in
     :class:`TTAModel` and the data set's transforms replaced by :func:`raw_transforms`."""
-    if not spec:
-        return model, dataset
-    settings = parse_tta(spec, data_cfg)
-    wrapped = TTAModel(model, settings)
-    dataset.transforms = raw_transforms()
+    wrapped = tta_model(model, spec, data_cfg)
+    if wrapped is not model:
+        dataset.transforms = raw_transforms()
     return wrapped, dataset

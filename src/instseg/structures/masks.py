@@ -105,6 +105,50 @@ class CroppedMasks:
             offsets[:, 0] = w - (self.offsets[:, 0] + widths)
         return CroppedMasks(crops, offsets, self.frame)
 
+    def flip_vertical(self) -> CroppedMasks:
+        """Mirrors every mask top-to-bottom (``y -> H - 1 - y``); crops keep their clamped margins."""
+        h = self.frame[0]
+        crops = [c.flip(-2) for c in self.crops]
+        heights = torch.tensor([c.shape[0] for c in self.crops], dtype=torch.int64)
+        offsets = self.offsets.clone()
+        if len(self):
+            offsets[:, 1] = h - (self.offsets[:, 1] + heights)
+        return CroppedMasks(crops, offsets, self.frame)
+
+    def rot90(self, k: int = 1) -> CroppedMasks:
+        """Rotates every mask by ``k`` quarter turns counter-clockwise, as ``torch.rot90(full, k,
+        dims=(-2, -1))`` rotates the full bitmap: pixel ``(x, y)`` of a ``H x W`` frame goes to
+        ``(y, W - 1 - x)`` of the ``W x H`` frame for one turn."""
+        out = self
+        for _ in range(int(k) % 4):
+            h, w = out.frame
+            crops = [torch.rot90(c, 1, dims=(-2, -1)) for c in out.crops]
+            widths = torch.tensor([c.shape[1] for c in out.crops], dtype=torch.int64)
+            offsets = out.offsets.clone()
+            if len(out):
+                offsets[:, 0] = out.offsets[:, 1]
+                offsets[:, 1] = w - (out.offsets[:, 0] + widths)
+            out = CroppedMasks(crops, offsets, (w, h))
+        return out
+
+    def occlude(self, cover: Tensor) -> CroppedMasks:
+        """Removes the pixels where the full-frame bool/0-1 map ``cover`` is set (copy-paste: the
+        pasted objects hide what is under them).  Crops keep their place and size."""
+        if tuple(cover.shape[-2:]) != self.frame:
+            raise ValueError(f"cover map {tuple(cover.shape)} does not match the mask frame {self.frame}")
+        keep = (cover == 0).to(torch.uint8)
+        crops = []
+        for crop, off in zip(self.crops, self.offsets):
+            x0, y0 = int(off[0]), int(off[1])
+            crops.append(crop * keep[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]])
+        return CroppedMasks(crops, self.offsets.clone(), self.frame)
+
+    def concat(self, other: CroppedMasks) -> CroppedMasks:
+        """The masks of ``self`` followed by those of ``other`` (same frame)."""
+        if other.frame != self.frame:
+            raise ValueError(f"cannot concatenate masks of frames {self.frame} and {other.frame}")
+        return CroppedMasks(self.crops + other.crops, torch.cat([self.offsets, other.offsets]).reshape(-1, 2), self.frame)
+
     def resize(self, new_frame: tuple[int, int]) -> CroppedMasks:
         """Nearest-neighbour resize of every mask to a new frame size (as mmdet resizes bitmaps).
 
