@@ -248,12 +248,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if s not in cameras and not Path(s).is_file():
             raise FileNotFoundError(f"video file not found: {s}")
     files = collect_images([s for s in sources if s not in streams])
-    predictor = Predictor(args.checkpoint, device=args.device or "auto", tta=args.tta, overrides=_flatten(args.set))
+    from instseg.engine import distributed as dist_utils
+    from instseg.engine.trainer import resolve_device
+
+    try:
+        device = resolve_device(args.device or "auto")
+    except (RuntimeError, ValueError) as e:  # an unknown name, or cuda without CUDA
+        raise CliError(f"--device {args.device!r}: {e}") from None
+    owns_group = not dist_utils.is_initialized()
+    info = dist_utils.init_from_env(device.type)  # under torchrun: each rank predicts its shard of the images
+    if info.distributed and streams:
+        raise CliError("videos and cameras are predicted by one process: run them without torchrun")
+    device = dist_utils.local_device(device)
+    predictor = Predictor(args.checkpoint, device=str(device), tta=args.tta, overrides=_flatten(args.set))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     draw_kw = dict(show_boxes=args.boxes, show_labels=args.labels)
     if files:
         _predict_images(predictor, files, out_dir, args.score_thr, args.batch_size, draw_kw)
+    if owns_group:
+        dist_utils.destroy()
     for source in streams:
         done = predictor.predict_video(source, out_dir, score_thr=args.score_thr, batch_size=args.batch_size,
                                        max_frames=args.max_frames, **draw_kw)
@@ -264,23 +278,40 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _predict_images(predictor, files: list[Path], out_dir: Path, score_thr: float, batch_size: int,
                     draw_kw: dict) -> None:
     """Overlay PNGs (``STEM.png``, ``STEM_1.png`` for a repeated stem), ``predictions.json`` and
-    ``images.json`` of ``files``."""
+    ``images.json`` of ``files``.
+
+    Under torchrun each rank predicts (and draws) every N-th image; rank 0 gathers the records in
+    the files' order and writes the two JSON files, which equal a single process's."""
     from tqdm import tqdm
 
     from instseg.api import coco_records, write_coco_json
+    from instseg.engine import distributed as dist_utils
 
+    # overlay names over the whole list (the same on every rank, as one process would name them)
+    names, used_names = [], {}
+    for f in files:
+        k = used_names.get(f.stem, 0)
+        used_names[f.stem] = k + 1
+        names.append(f"{f.stem}.png" if k == 0 else f"{f.stem}_{k}.png")
+    mine = dist_utils.shard(len(files))  # every index in a single process
     records, total = [], 0
-    used_names: dict[str, int] = {}
-    bar = tqdm(total=len(files), desc="predict", leave=False, disable=not sys.stderr.isatty())
-    for pred in predictor.predict_iter(files, batch_size=batch_size):
+    bar = tqdm(total=len(mine), desc="predict", leave=False, disable=not (sys.stderr.isatty() and dist_utils.is_main()))
+    for pred in predictor.predict_iter([files[i] for i in mine], batch_size=batch_size):
+        index = mine[pred.index]  # the image's position in the whole list: its COCO image id
         total += len(pred)
-        stem = Path(pred.source).stem
-        k = used_names.get(stem, 0)
-        used_names[stem] = k + 1
-        pred.save(out_dir / (f"{stem}.png" if k == 0 else f"{stem}_{k}.png"), score_thr=score_thr, **draw_kw)
-        records.append(coco_records(pred, score_thr))  # RLE now: full-size masks are not kept
+        pred.save(out_dir / names[index], score_thr=score_thr, **draw_kw)
+        results, image = coco_records(pred, score_thr)  # RLE now: full-size masks are not kept
+        for r in results:
+            r["image_id"] = index
+        image["id"] = index
+        records.append((index, (results, image)))
         bar.update(1)
     bar.close()
+    gathered = dist_utils.all_gather_object((records, total))
+    if not dist_utils.is_main():
+        return
+    records = [rec for _, rec in sorted((r for part, _ in gathered for r in part), key=lambda r: r[0])]
+    total = sum(t for _, t in gathered)
     categories = [{"id": c, "name": n} for c, n in zip(predictor.cat_ids, predictor.classes)]
     kept = write_coco_json(records, out_dir / "predictions.json", images_path=out_dir / "images.json",
                            categories=categories)

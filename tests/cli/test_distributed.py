@@ -134,6 +134,10 @@ def world(tmp_path_factory):
         {"kind": "cli", "stdout": str(root / "cli_eval"),
          "args": ["eval", "--checkpoint", str(runs / "mask_rcnn" / "checkpoints" / "last.pt"), "--ann", str(ann),
                   "--images", str(images), "--out", str(root / "cli_eval"), "--device", "cpu"]},
+        {"kind": "cli", "stdout": str(root / "cli_predict"),
+         "args": ["predict", "--checkpoint", str(runs / "mask_rcnn" / "checkpoints" / "last.pt"),
+                  "--images", str(images), "--out", str(root / "cli_predict"), "--device", "cpu",
+                  "--score-thr", "0.0"]},
     ]
     run_world(jobs, root, nproc=2, timeout_s=900)
     return {"root": root, "ann": ann, "images": images, "runs": runs}
@@ -247,3 +251,20 @@ def test_torchrun_cli_eval(world):
     expected = json.loads((root / "dist_eval.json").read_text())["metrics"]
     assert {k: written[k] for k in expected} == expected
     assert written["images_evaluated"] == N_IMAGES
+
+
+def test_torchrun_cli_predict_equals_single_process(world, tmp_path):
+    """``torchrun --nproc-per-node 2 -m instseg predict``: each rank draws its images, rank 0 writes
+    the JSON files, and they equal one process's (same image ids, order and detections)."""
+    from instseg.cli import main as cli_main
+
+    root = world["root"]
+    ckpt = world["runs"] / "mask_rcnn" / "checkpoints" / "last.pt"
+    assert cli_main(["predict", "--checkpoint", str(ckpt), "--images", str(world["images"]), "--out",
+                     str(tmp_path), "--device", "cpu", "--score-thr", "0.0"]) == 0
+    for name in ("predictions.json", "images.json"):
+        assert json.loads((root / "cli_predict" / name).read_text()) == json.loads((tmp_path / name).read_text()), name
+    assert sorted(p.name for p in (root / "cli_predict").glob("*.png")) == sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(json.loads((tmp_path / "images.json").read_text())["images"]) == N_IMAGES
+    assert (root / "cli_predict.rank1").read_text() == ""
+
