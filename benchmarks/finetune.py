@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/finetune.py [--iters 60] [--threads 2] [--seed 0]
+    .venv/bin/python benchmarks/finetune.py [--iters 24] [--scale 384] [--batch-size 2] [--threads 2] [--seed 0]
         [--init ../shared/golden/htc_r18_fpn_c64_shapes.pth] [--out benchmarks/results/finetune/htc_fruit.json]
 
 Data: ``../shared/data/fruit`` (18 real photos, 3 classes: date, fig, hazelnut), split by image id
@@ -50,16 +50,17 @@ def split_fruit(dst: Path, n_val: int = 6) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def run_one(init_from: str, iters: int, seed: int, threads: int, train_ann: Path, val_ann: Path, runs: Path) -> dict:
+def run_one(init_from: str, args: argparse.Namespace, train_ann: Path, val_ann: Path, runs: Path) -> dict:
     cfg = get_preset("htc_r18_fpn_c64_shapes")
     cfg.name = "pretrained" if init_from else "scratch"
     cfg.data.train_ann, cfg.data.train_images = str(train_ann), str(FRUIT / "images")
     cfg.data.val_ann, cfg.data.val_images = str(val_ann), str(FRUIT / "images")
     cfg.model.semantic_targets, cfg.model.semantic_classes = "derive", 4
     cfg.model.backbone_weights = ""
+    cfg.data.scale, cfg.data.batch_size = (args.scale, args.scale), args.batch_size
     t = cfg.train
-    t.init_from, t.max_iters, t.lr_steps, t.seed = init_from, iters, (), seed
-    t.device, t.threads, t.eval_interval, t.checkpoint_interval, t.log_interval = "cpu", threads, 0, 0, 10
+    t.init_from, t.max_iters, t.lr_steps, t.seed = init_from, args.iters, (), args.seed
+    t.device, t.threads, t.eval_interval, t.checkpoint_interval, t.log_interval = "cpu", args.threads, 0, 0, 5
     t.output_dir = str(runs)
     t0 = time.time()
     result = train(cfg, run_dir=runs / cfg.name)
@@ -81,21 +82,24 @@ def run_one(init_from: str, iters: int, seed: int, threads: int, train_ann: Path
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iters", type=int, default=60)
+    p.add_argument("--iters", type=int, default=24)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--scale", type=int, default=384, help="images resized to fit SCALE x SCALE (the golden 512 costs ~2x)")
+    p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default=str(GOLDEN_HTC))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "finetune" / "htc_fruit.json"))
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         train_ann, val_ann = split_fruit(Path(tmp))
-        runs = {name: run_one(init, args.iters, args.seed, args.threads, train_ann, val_ann, Path(tmp) / "runs")
+        runs = {name: run_one(init, args, train_ann, val_ann, Path(tmp) / "runs")
                 for name, init in (("pretrained", args.init), ("scratch", ""))}
     out = {
         "what": "golden 5-class HTC (mmdetection) fine-tuned into 3 classes vs the same run from scratch",
         "data": "shared/data/fruit: 12 train / 6 val images (last 6 ids are val)",
         "preset": "htc_r18_fpn_c64_shapes (semantic_targets=derive)",
-        "iters": args.iters, "seed": args.seed, "threads": args.threads,
+        "iters": args.iters, "seed": args.seed, "threads": args.threads, "scale": args.scale,
+        "batch_size": args.batch_size,
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "runs": runs,
     }

@@ -127,6 +127,16 @@ def unflatten(leaves: Sequence[Tensor], spec: Any) -> Any:
     return cls(**{k: unflatten(leaves, s) for k, s in spec["fields"].items()})
 
 
+def flatten_spec_leaves(spec: Any) -> list[int]:
+    """The tensor-leaf indices of a spec."""
+    if "t" in spec:
+        return [spec["t"]]
+    if "const" in spec:
+        return []
+    children = spec.get("list") or spec.get("tuple") or list((spec.get("fields") or {}).values())
+    return [i for child in children for i in flatten_spec_leaves(child)]
+
+
 # ------------------------------------------------------------------------------------ parts
 
 
@@ -354,16 +364,21 @@ def runtime_model(model: nn.Module, export_dir: str | Path, *, threads: int = 0)
         file = folder / entry["file"]
         runner = _onnx_runner(file, threads) if manifest["format"] == "onnx" else _program_runner(file)
         owner = _resolve(clone, entry["owner"])
-        setattr(owner, entry["method"], _graph_call(runner, entry["out_spec"], entry["name"]))
+        n_inputs = len(flatten_spec_leaves(entry["in_spec"]))
+        setattr(owner, entry["method"], _graph_call(runner, entry["out_spec"], entry["name"], n_inputs))
     clone.export_size = manifest["size"]
     return clone
 
 
-def _graph_call(runner: Callable[[list[Tensor]], list[Tensor]], out_spec: Any, name: str) -> Callable[..., Any]:
+def _graph_call(
+    runner: Callable[[list[Tensor]], list[Tensor]], out_spec: Any, name: str, n_inputs: int
+) -> Callable[..., Any]:
+    """The replacement method: flattens the arguments, runs the graph, rebuilds the result."""
     def call(*args: Any) -> Any:
+        # (RoI graphs take 0 or 1 RoIs too: checked for both runtimes, the dimension is not specialised)
         flat, _ = flatten(list(args))
-        if any(t.ndim and t.shape[0] == 0 for t in flat):
-            raise ExportError(f"part {name}: an empty input reached the exported graph")
+        if len(flat) != n_inputs:
+            raise ExportError(f"part {name}: called with {len(flat)} tensors, the graph takes {n_inputs}")
         return unflatten(runner(flat), out_spec)
 
     return call
