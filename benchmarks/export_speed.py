@@ -68,7 +68,7 @@ def bench(name: str, threads: int, iters: int, tmp: Path) -> dict:
     model, cfg, score_thr = build(name)
     batches = load_batches(IMAGES, cfg, export_size(cfg))
     t0 = time.perf_counter()
-    export_model(model, batches[0], tmp / name, "onnx")
+    export_model(model, batches, tmp / name, "onnx")
     export_s = time.perf_counter() - t0
     runtime = runtime_model(model, tmp / name, threads=threads)
     rows = verify(model, runtime, batches, score_thr=score_thr)  # also the warm-up pass of both

@@ -181,8 +181,9 @@ def model_parts(model: nn.Module) -> list[Part]:
     return parts
 
 
-def record_calls(model: nn.Module, parts: Sequence[Part], run: Callable[[], Any]) -> dict[str, tuple]:
-    """The arguments of the first call of every part during ``run()`` (e.g. one ``predict``)."""
+def record_calls(model: nn.Module, parts: Sequence[Part], runs: Sequence[Callable[[], Any]]) -> dict[str, tuple]:
+    """The arguments of the first call of every part during ``runs`` (e.g. ``predict`` on each
+    sample image, until every part has been reached: an image without detections skips the masks)."""
     seen: dict[str, tuple] = {}
     patched = []
     for part in parts:
@@ -196,13 +197,17 @@ def record_calls(model: nn.Module, parts: Sequence[Part], run: Callable[[], Any]
         setattr(owner, part.method, recorder)
         patched.append((owner, part.method))
     try:
-        run()
+        for run in runs:
+            if len(seen) == len(parts):
+                break
+            run()
     finally:
         for owner, method in patched:
             delattr(owner, method)  # the instance attribute goes; the class method shows again
     missing = [p.name for p in parts if p.name not in seen]
     if missing:
-        raise ExportError(f"the sample image did not reach the parts {missing}; try another image (--images)")
+        raise ExportError(f"the sample images gave no detections, so they did not reach the parts {missing}; "
+                          "give images with objects (--images)")
     return seen
 
 
@@ -260,22 +265,31 @@ def synthetic_images(folder: Path, num: int = 2) -> list[Path]:
 # ---------------------------------------------------------------------------------- export
 
 
-def export_model(model: nn.Module, sample: ImageBatch, out_dir: str | Path, fmt: str, *, meta: dict | None = None) -> dict:
+def export_model(
+    model: nn.Module, samples: ImageBatch | Sequence[ImageBatch], out_dir: str | Path, fmt: str, *, meta: dict | None = None
+) -> dict:
     """Writes every part of ``model`` (eval mode) as a graph under ``out_dir`` plus the manifest.
 
-    ``sample`` (a padded batch of one image) is run once through ``predict`` to record each part's
-    example inputs; it should produce at least one detection so that the RoI parts are reached.
+    ``samples`` (padded batches of one image, :func:`pad_batch`) go through ``predict`` to record
+    each part's example inputs, until one with detections has reached the RoI / mask parts.
     """
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         require_onnx()
+        deform = sorted({type(m).__name__ for m in model.modules() if "deform" in type(m).__name__.lower()})
+        if deform:
+            # measured: the TorchScript exporter writes torchvision's deform_conv2d, but onnxruntime's
+            # result differs completely (GA-RPN's adapted features), so refuse rather than export wrong
+            raise ExportError(f"this model has deformable convolutions ({', '.join(deform)}: DCN or GA-RPN), "
+                              "which do not export correctly to ONNX here")
+    samples = [samples] if isinstance(samples, ImageBatch) else list(samples)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     parts = model_parts(model)
     with torch.no_grad():
-        calls = record_calls(model, parts, lambda: model.predict(sample))
+        calls = record_calls(model, parts, [lambda b=b: model.predict(b) for b in samples])
     entries = []
     for part in parts:
         flat_in, in_spec = flatten(list(calls[part.name]))
@@ -284,12 +298,17 @@ def export_model(model: nn.Module, sample: ImageBatch, out_dir: str | Path, fmt:
             flat_out, out_spec = flatten(getattr(_resolve(model, part.owner), part.method)(*calls[part.name]))
         file = out / f"{part.name}.{'onnx' if fmt == 'onnx' else 'pt2'}"
         t0 = time.perf_counter()
-        (_export_onnx if fmt == "onnx" else _export_program)(module, flat_in, len(flat_out), part.rois, file)
+        try:
+            (_export_onnx if fmt == "onnx" else _export_program)(module, flat_in, len(flat_out), part.rois, file)
+        except Exception as e:  # noqa: BLE001 - the exporters raise many types; name the part
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise ExportError(f"part {part.name!r} ({part.owner or 'model'}.{part.method}) does not export "
+                              f"to {fmt}: {type(e).__name__}: {first}") from e
         entries.append({
             **dataclasses.asdict(part), "file": file.name, "in_spec": in_spec, "out_spec": out_spec,
             "export_s": round(time.perf_counter() - t0, 2),
         })
-    manifest = {"format": fmt, "size": int(sample.images.shape[-1]), "parts": entries, **(meta or {})}
+    manifest = {"format": fmt, "size": int(samples[0].images.shape[-1]), "parts": entries, **(meta or {})}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -480,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         files = collect_images(args.images) if args.images else synthetic_images(Path(tmp) / "synthetic")
         batches = load_batches(files, cfg, size)
         meta = {"checkpoint": str(args.checkpoint), "arch": cfg.model.arch, "classes": classes}
-        manifest = export_model(model, batches[0], args.out, args.format, meta=meta)
+        manifest = export_model(model, batches, args.out, args.format, meta=meta)
         print(f"wrote {len(manifest['parts'])} {args.format} graphs ({', '.join(p['name'] for p in manifest['parts'])}) "
               f"for {size}x{size} inputs to {args.out}")
         if not args.verify:
