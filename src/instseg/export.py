@@ -211,19 +211,31 @@ def record_calls(model: nn.Module, parts: Sequence[Part], runs: Sequence[Callabl
     return seen
 
 
+def _export_owner(model: nn.Module, part: Part) -> nn.Module:
+    """The module whose parameters a part's graph holds: the part's owner, except that the
+    model-level ``extract_feats`` gets a shallow copy of the model that keeps only backbone and
+    neck (``torch.export`` stores every parameter of the module it is given, used or not)."""
+    owner = _resolve(model, part.owner)
+    if owner is not model:
+        return owner
+    holder = copy.copy(model)
+    holder._modules = {k: m for k, m in model._modules.items() if k in ("backbone", "neck")}
+    holder._parameters, holder._buffers = {}, {}
+    return holder
+
+
 class PartModule(nn.Module):
     """A part as a graph-friendly module: flat tensors in, flat tensor tuple out."""
 
-    def __init__(self, model: nn.Module, part: Part, in_spec: Any) -> None:
+    def __init__(self, owner: nn.Module, method: str, in_spec: Any) -> None:
         super().__init__()
-        self.model = model  # registered: its parameters become the graph's weights
-        self.part = part
+        self.owner = owner  # registered: its parameters become the graph's weights
+        self.method = method
         self.in_spec = in_spec
 
     def forward(self, *flat: Tensor) -> tuple[Tensor, ...]:
         args = unflatten(flat, self.in_spec)
-        out = getattr(_resolve(self.model, self.part.owner), self.part.method)(*args)
-        return tuple(flatten(out)[0])
+        return tuple(flatten(getattr(self.owner, self.method)(*args))[0])
 
 
 # -------------------------------------------------------------------------- fixed-size input
@@ -293,7 +305,7 @@ def export_model(
     entries = []
     for part in parts:
         flat_in, in_spec = flatten(list(calls[part.name]))
-        module = PartModule(model, part, in_spec).eval()
+        module = PartModule(_export_owner(model, part), part.method, in_spec).eval()
         with torch.no_grad():
             flat_out, out_spec = flatten(getattr(_resolve(model, part.owner), part.method)(*calls[part.name]))
         file = out / f"{part.name}.{'onnx' if fmt == 'onnx' else 'pt2'}"
