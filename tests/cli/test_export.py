@@ -18,7 +18,7 @@ from instseg.export import (
 from instseg.modeling.zoo import build_model
 from tests.golden_utils import GOLDEN, IMAGES, MODELS, requires_golden
 
-pytestmark = [requires_golden, pytest.mark.golden, pytest.mark.slow]  # ~60-130 s on 2 shared cores
+pytestmark = [requires_golden, pytest.mark.golden, pytest.mark.slow]  # ~45 s on 2 idle cores, 2-3x that on a loaded machine
 FILES = [GOLDEN / f"{image}.jpg" for image in IMAGES]
 
 
