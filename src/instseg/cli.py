@@ -1,4 +1,4 @@
-"""The ``instseg`` command line: ``train | eval | predict | serve | convert | data | presets``.
+"""The ``instseg`` command line: ``train | eval | predict | serve | export | convert | data | presets``.
 
 Run ``instseg COMMAND -h`` for the options of a command.  Configuration errors, data errors,
 checkpoints that do not fit and missing files end with exit code 2 and a one-line message (no
@@ -51,6 +51,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from instseg.convert.mmdet import ConversionError
 
         errors.append(ConversionError)
+    except ImportError:  # pragma: no cover - during development
+        pass
+    try:
+        from instseg.export import ExportError
+        errors.append(ExportError)
     except ImportError:  # pragma: no cover - during development
         pass
     try:
@@ -428,6 +433,12 @@ def cmd_convert(rest: list[str]) -> int:
     return _run_tool(module.main, rest[1:])
 
 
+def cmd_export(rest: list[str]) -> int:
+    from instseg.export import main as export_main
+
+    return _run_tool(export_main, rest)
+
+
 def cmd_data(rest: list[str]) -> int:
     usage = _list_usage(
         "commands (instseg data COMMAND -h for the options of one):",
@@ -567,6 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(v, "model.max_per_img=300")
     v.set_defaults(func=cmd_serve)
 
+    x = sub.add_parser("export", help="export to ONNX / torch.export and verify (instseg export -h)", add_help=False)
+    x.set_defaults(func=None, passthrough=cmd_export)
     c = sub.add_parser("convert", help="convert foreign checkpoints (instseg convert -h)", add_help=False)
     c.set_defaults(func=None, passthrough=cmd_convert)
     d = sub.add_parser("data", help="data tools: check, browse, convert, synth (instseg data -h)", add_help=False)

@@ -284,7 +284,8 @@ class TrainConfig:
     ema_tau: int = 2000  # decay ramp: decay * (1 - exp(-updates / tau)); 0 = constant decay
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the `tensorboard` extra)
     skip_nonfinite: bool = False  # skip the optimizer step of an iteration with a NaN/inf loss (else stop)
-    init_from: str = ""  # checkpoint whose weights start a NEW run (fitting names / shapes; e.g. RDSNet's MBRM stage)
+    init_from: str = ""  # instseg or mmdetection checkpoint whose weights start a NEW run (fitting names / shapes)
+    init_strict: bool = False  # train.init_from: any tensor that does not fit (name or shape) is an error
 
 
 @dataclass

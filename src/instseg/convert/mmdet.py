@@ -70,6 +70,26 @@ def convert_state_dict(state: dict[str, Tensor], num_classes: int, *, two_stage:
     return out
 
 
+def is_mmdet_checkpoint(raw: object) -> bool:
+    """An mmdetection checkpoint is a dict with a ``state_dict`` (and no instseg ``format`` tag)."""
+    return isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict) and "format" not in raw
+
+
+def mmdet_state_dict_for_init(raw: dict, *, two_stage: bool) -> dict[str, Tensor]:
+    """The converted (instseg-named) weights of a loaded mmdetection checkpoint, unchecked.
+
+    Fine-tuning (``train.init_from``) loads what fits into a model whose class count may differ, so
+    the class count that the v1 upgrade needs is the checkpoint's own, read from its ``fc_cls``.
+    """
+    state = raw["state_dict"]
+    num_classes = 0
+    for key, value in state.items():
+        if re.search(r"bbox_head(\.\d+)?\.fc_cls\.weight$", key):
+            num_classes = int(value.shape[0]) - 1
+            break
+    return convert_state_dict(state, num_classes, two_stage=two_stage)
+
+
 def _class_names(meta: dict) -> list[str] | None:
     ds = meta.get("dataset_meta") or {}
     names = ds.get("classes") or meta.get("CLASSES")

@@ -129,6 +129,32 @@ def load_model_from_checkpoint(
     return model, cfg, classes
 
 
+def read_init_weights(path: str, arch: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of ``train.init_from`` and where they came from (``instseg`` | ``mmdetection``).
+
+    mmdetection checkpoints are told apart by their ``state_dict`` entry and renamed with
+    ``instseg.convert.mmdet``; their ``meta`` may hold non-tensor objects, so (as ``instseg convert
+    mmdet`` does) they are read with ``weights_only=False`` when the safe load refuses them.
+    """
+    from instseg.convert.mmdet import is_mmdet_checkpoint, mmdet_state_dict_for_init
+    from instseg.modeling.zoo import TWO_STAGE_ARCHS
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"train.init_from: checkpoint not found: {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a pickled mmdet meta, or not a checkpoint at all: retried below
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad input
+            raise CheckpointError(f"train.init_from: cannot read {path} as a checkpoint: {e}") from e
+    if is_mmdet_checkpoint(raw):
+        return mmdet_state_dict_for_init(raw, two_stage=arch in TWO_STAGE_ARCHS), "mmdetection"
+    state = load_checkpoint(path)  # the format checks and messages of instseg checkpoints
+    ema = state.get("ema")
+    return (ema["model"] if isinstance(ema, dict) and ema.get("model") else state["model"]), "instseg"
+
+
 # ----------------------------------------------------------------------------------- RNG state
 
 

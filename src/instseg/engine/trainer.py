@@ -362,21 +362,51 @@ class Trainer:
         return state["rng"]
 
     def _init_weights(self, path: str) -> None:
-        """``train.init_from``: a new run starts from another checkpoint's weights (its EMA weights
-        when it kept them); every tensor whose name and shape fit is loaded, the others are named."""
-        state = load_checkpoint(path)
-        ema = state.get("ema")
-        weights = ema["model"] if isinstance(ema, dict) and ema.get("model") else state["model"]
+        """``train.init_from``: a new run starts from another checkpoint's weights.
+
+        The checkpoint is an instseg one (its EMA weights when it kept them) or an mmdetection one
+        (converted on the fly).  Every tensor whose name and shape fit is loaded; the others keep the
+        fresh init the model's constructors gave them (e.g. a new class count's ``fc_cls`` / mask
+        logits / focal-loss prior bias).  ``RUN/init_skipped.json`` lists both sides of the mismatch;
+        ``train.init_strict`` makes any mismatch an error.
+        """
+        import json  # (local: keeps this feature's edits inside this method)
+
+        from instseg.engine.checkpoint import read_init_weights
+
+        weights, source = read_init_weights(path, self.cfg.model.arch)
         own = self.model.state_dict()
         fit = {k: v for k, v in weights.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
         if not fit:
             raise CheckpointError(f"train.init_from: no tensor of {path} fits the model built from this config")
-        self.model.load_state_dict(fit, strict=False)
-        left = sorted(set(own) - set(fit))
+        kept = sorted(set(own) - set(fit))
         unused = sorted(set(weights) - set(fit))
-        console(f"initialised {len(fit)} of {len(own)} tensors from {path}"
-                + (f"; {len(left)} keep their init (e.g. {left[:3]})" if left else "")
-                + (f"; {len(unused)} of the checkpoint's do not fit (e.g. {unused[:3]})" if unused else ""))
+        report = {
+            "init_from": str(path),
+            "source": source,
+            "loaded": len(fit),
+            "model_tensors": len(own),
+            # model tensors that keep their fresh init (absent from the checkpoint, or another shape)
+            "kept_init": [{"key": k, "model_shape": list(own[k].shape),
+                           "checkpoint_shape": list(weights[k].shape) if k in weights else None} for k in kept],
+            # checkpoint tensors that were not loaded (no such model key, or another shape)
+            "unused": [{"key": k, "checkpoint_shape": list(weights[k].shape),
+                        "model_shape": list(own[k].shape) if k in own else None} for k in unused],
+        }
+        if self.cfg.train.init_strict and (kept or unused):
+            first = report["kept_init"][0] if kept else report["unused"][0]
+            raise CheckpointError(
+                f"train.init_strict: {len(kept)} model tensors and {len(unused)} tensors of {path} do not fit "
+                f"(e.g. {first['key']}: checkpoint {first['checkpoint_shape']} vs model {first['model_shape']}); "
+                "set train.init_strict=false to load only what fits"
+            )
+        self.model.load_state_dict(fit, strict=False)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "init_skipped.json").write_text(json.dumps(report, indent=1) + "\n")
+        console(f"initialised {len(fit)} of {len(own)} tensors from {path} ({source})"
+                + (f"; {len(kept)} keep their init (e.g. {kept[:3]})" if kept else "")
+                + (f"; {len(unused)} of the checkpoint's do not fit (e.g. {unused[:3]})" if unused else "")
+                + f"; list in {self.run_dir / 'init_skipped.json'}")
 
     def _fit_semantic_classes(self) -> None:
         """``semantic_targets=derive`` maps have ``num_classes + 1`` classes (0 = background)."""
