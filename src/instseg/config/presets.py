@@ -323,8 +323,11 @@ def retinanet_synth_cpu() -> Config:
     # the synthetic objects are 20-120 px at 320 px: anchors from 16 px (base scale 2 on stride 8)
     model.retinanet.octave_base_scale = 2.0
     train = _synth_train()
-    # a one-stage detector needs more passes than the two-stage presets' 7 epochs
-    train.lr, train.epochs, train.lr_steps = 0.04, 12, (10,)
+    # a one-stage detector needs more passes than the two-stage presets' 7 epochs; with SGD (lr
+    # 0.04) the focal loss barely moved in 180 iterations (bbox AP 0.0), AdamW at lr 1e-3 (what
+    # the golden mmdetection fixtures were trained with, there at 2e-4) reaches 14.2 bbox AP in
+    # 360 iterations (measured)
+    train.optimizer, train.lr, train.epochs, train.lr_steps = "adamw", 1e-3, 12, (10,)
     return Config(model=model, data=_synth_data(), train=train)
 
 
