@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--ann", required=True)
     ap.add_argument("--images", required=True)
     ap.add_argument("--name", required=True)
-    ap.add_argument("--nms", nargs="+", default=["hard", "fast", "soft_linear", "soft_gaussian"])
+    ap.add_argument("--nms", nargs="*", default=["hard", "fast", "soft_linear", "soft_gaussian"])
     ap.add_argument("--tta", nargs="*", default=None, help="TTA specs to run with model.nms=hard ('' = none)")
     ap.add_argument("--set", nargs="*", default=[])
     ap.add_argument("--out", default="benchmarks/results/nms_ap")
