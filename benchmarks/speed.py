@@ -2,15 +2,17 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/speed.py [--family two-stage|one-stage|all] [--device cpu|cuda]
+    .venv/bin/python benchmarks/speed.py [--family two-stage|one-stage|rdsnet|all] [--device cpu|cuda]
         [--threads 2] [--iters 5] [--skip-train] [--skip-htc] [--skip-retinanet] [--skip-yolact]
-        [--tv-frozen] [--out benchmarks/results/speed_<host>.json]
+        [--mbrm-iters 20] [--tv-frozen] [--out benchmarks/results/speed_<host>.json]
 
 ``--family two-stage`` (the default, and what this script always did): instseg's Mask R-CNN / HTC
 R-50-FPN next to torchvision's Mask R-CNN R-50-FPN, written to ``speed_<host>.json``.
 ``--family one-stage``: RetinaNet R-50-FPN next to torchvision's RetinaNet, and YOLACT-550 R-50
-next to instseg's Mask R-CNN R-50-FPN (``speed_one_stage_<host>.json``); ``--family all``: both
-(``speed_all_<host>.json``).  The sections are described below.
+next to instseg's Mask R-CNN R-50-FPN (``speed_one_stage_<host>.json``); ``--family rdsnet``:
+RDSNet R-50-FPN next to YOLACT-550 R-50 and instseg's Mask R-CNN R-50-FPN, and MBRM's own cost
+(``speed_rdsnet_<host>.json``); ``--family all``: all of them (``speed_all_<host>.json``).  The
+sections are described below.
 
 Two-stage (one process, so both models see the same machine load):
 
@@ -80,12 +82,37 @@ One-stage, YOLACT vs Mask R-CNN (issue 6 goal: YOLACT >= 3x faster, i.e. ratio <
   mostly do not, so 0.0 is the conservative setting for YOLACT).  YOLACT's timed call includes
   the prototypes, the 100 mask combinations and crops and their upsampling to 800x1216.
 
+RDSNet (``--family rdsnet``; inference only, ``--skip-train`` does not apply):
+
+* **Models.** instseg's ``rdsnet_r50_fpn_1x`` (the official ``rdsnet_r50_fpn_1x``: R-50-FPN,
+  P3-P7, GN towers, 1000 candidates per level, NMS 0.5, 100 detections, masks at 0.4) twice, with
+  ``model.rdsnet.refine=false`` and ``model.rdsnet.refine=true`` (MBRM on, the official
+  ``*_refine`` configs); the refining copy gets the other's weights (``load_state_dict``), so both
+  compute the same detections and masks and differ only by MBRM.  Next to them, in the same
+  interleaved rounds, ``yolact_resnet50`` and ``mask_rcnn_r50_fpn_1x_coco`` exactly as in the
+  YOLACT comparison.  All random weights, all ``optimize_for_inference()``.
+* **Input.** The YOLACT comparison's: the 800x1216 image; both RDSNets get Mask R-CNN's tensor
+  (``(img - mean) / std``, mmdet's mean / std, which RDSNet's preset uses, no resize or pad),
+  YOLACT its 550x550 squash-resized tensor (not timed), all with masks in the 800x1216 frame.
+* **Detections.** Score threshold 0.0 for all (``model.score_thr=0.0``): random RDSNet scores
+  are about its 0.01 focal prior, below the preset's 0.05, so 0.0 keeps up to 1000 candidates per
+  level (all of P7's 630 anchors), and all four models return 100 detections, RDSNet with its 100 masks (correlation,
+  crop, upsampling to 800x1216) and, with ``refine``, 100 MBRM-refined boxes.
+* **MBRM.** Two measures of its cost per image at 100 detections: the difference of the medians
+  refine - no refine (and the median of the per-round differences) from the rounds above, which
+  is noisy on a shared machine since it is a small part of a large call; and MBRM alone:
+  ``MBRM.refine(probs, boxes)`` (the refining RDSNet's ``mbrm`` module, as ``predict`` calls it)
+  on that RDSNet's 100 detections and their cropped mask probabilities ``(100, 800, 1216)`` in
+  the original frame, computed once and not timed; it includes the row / column max profiles of
+  the probability maps, the 1-D convolutions, the Gaussian priors and the argmaxes (``--warmup``
+  untimed calls, then ``--mbrm-iters`` timed ones).
+
 Timing: ``--warmup`` untimed calls of each model, then ``--iters`` rounds, each timing one call
 of every model in turn (the order alternates between rounds); reported numbers are medians in ms
 per image and the ratio instseg / reference (lower is better for instseg); the one-stage
-sections also give the median of the per-round ratios (robust to a shared machine's load
-changing).  Each comparison (Mask R-CNN, RetinaNet, YOLACT) is its own set of interleaved
-rounds.  On CUDA every timed call is bracketed by ``torch.cuda.synchronize()``.
+and RDSNet sections also give the median of the per-round ratios (robust to a shared machine's
+load changing).  Each comparison (Mask R-CNN, RetinaNet, YOLACT, RDSNet) is its own set of
+interleaved rounds.  On CUDA every timed call is bracketed by ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -115,7 +142,8 @@ MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 NUM_CLASSES = 80
 YOLACT_PRESET = "yolact_resnet50"
-FAMILIES = ("two-stage", "one-stage", "all")
+RDSNET_PRESET = "rdsnet_r50_fpn_1x"
+FAMILIES = ("two-stage", "one-stage", "rdsnet", "all")
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -438,6 +466,93 @@ def bench_yolact_inference(args: argparse.Namespace, device: torch.device, img: 
     }
 
 
+def build_instseg_rdsnet(device: torch.device, *, refine: bool) -> nn.Module:
+    """``rdsnet_r50_fpn_1x`` with score threshold 0 (1000 candidates per level, 100 kept) and
+    ``model.rdsnet.refine`` as given."""
+    cfg = get_preset(RDSNET_PRESET).model
+    cfg.score_thr = 0.0
+    cfg.max_per_img = 100
+    cfg.rdsnet.nms_pre = 1000
+    cfg.rdsnet.refine = refine
+    return build_model(cfg).to(device)
+
+
+def bench_rdsnet_inference(
+    args: argparse.Namespace, device: torch.device, img: Tensor
+) -> tuple[dict[str, dict], dict]:
+    """RDSNet R-50-FPN without / with MBRM vs YOLACT-550 R-50 vs Mask R-CNN R-50-FPN (800x1216),
+    then MBRM alone on RDSNet's 100 detections.  Returns (model section, MBRM section)."""
+    rdsnet = build_instseg_rdsnet(device, refine=False)
+    rdsnet_refine = build_instseg_rdsnet(device, refine=True)
+    rdsnet_refine.load_state_dict(rdsnet.state_dict())  # same weights: the two differ only by MBRM
+    rdsnet.optimize_for_inference()
+    rdsnet_refine.optimize_for_inference()
+    yolact = build_instseg(YOLACT_PRESET, device, score_thr=0.0).eval()
+    yolact.optimize_for_inference()
+    mrcnn = build_instseg("mask_rcnn_r50_fpn_1x_coco", device, score_thr=0.0).eval()
+    mrcnn.optimize_for_inference()
+    batch = instseg_batch(img, device)
+    y_batch = yolact_batch(img, device)
+
+    def runner(model: nn.Module, b: ImageBatch) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():
+                return model.predict(b)
+
+        return run
+
+    fns: dict[str, Callable[[], object]] = {
+        "instseg_rdsnet": runner(rdsnet, batch),
+        "instseg_rdsnet_refine": runner(rdsnet_refine, batch),
+        "instseg_yolact": runner(yolact, y_batch),
+        "instseg_mask_rcnn": runner(mrcnn, batch),
+    }
+    counts, mask_shapes, dets = {}, {}, {}
+    for name, fn in fns.items():
+        det = dets[name] = fn()[0]
+        counts[name] = len(det)
+        mask_shapes[name] = list(det.masks.shape) if det.masks is not None else None
+    plain, refined = dets["instseg_rdsnet"], dets["instseg_rdsnet_refine"]
+    same_dets = bool(torch.equal(plain.scores, refined.scores) and torch.equal(plain.labels, refined.labels))
+    boxes_changed = int((plain.boxes != refined.boxes).any(dim=1).sum()) if same_dets else -1
+    times = time_interleaved(fns, warmup=args.warmup, iters=args.iters, device=device)
+    models = {
+        k: {"ms": _median(v), "all_ms": v, "detections": counts[k], "mask_shape": mask_shapes[k]}
+        for k, v in times.items()
+    }
+    diffs = [a - b for a, b in zip(times["instseg_rdsnet_refine"], times["instseg_rdsnet"])]
+
+    # MBRM alone: RDSNet's 100 detections and their cropped probabilities in the original frame,
+    # exactly what predict() hands to MBRM.refine (computed once, not timed)
+    model = rdsnet_refine
+    with torch.no_grad():
+        feats = model.extract_feats(batch.images)
+        rd_dets = model.bbox_head.predict_boxes(model.bbox_head(feats), batch)[0]
+        pixel = model.mask_head(feats)[0]
+        probs = torch.cat([p for _, p in model.logic.iter_probs(pixel, rd_dets, batch, 0)])
+    del feats, pixel
+    boxes = rd_dets.boxes
+
+    def run_mbrm() -> object:
+        return model.mbrm.refine(probs, boxes)
+
+    mbrm_times = time_interleaved({"mbrm": run_mbrm}, warmup=args.warmup, iters=args.mbrm_iters, device=device)["mbrm"]
+    mbrm = {
+        "detections": int(boxes.shape[0]),
+        "probs_shape": list(probs.shape),
+        "same_detections_with_and_without_refine": same_dets,
+        "boxes_changed_by_mbrm": boxes_changed,
+        "refine_minus_plain_ms": models["instseg_rdsnet_refine"]["ms"] - models["instseg_rdsnet"]["ms"],
+        "refine_minus_plain_paired_ms": _median(diffs),
+        "refine_minus_plain_all_ms": diffs,
+        "mbrm_alone_ms": _median(mbrm_times),
+        "mbrm_alone_all_ms": mbrm_times,
+        "mbrm_alone_iters": args.mbrm_iters,
+    }
+    del probs
+    return models, mbrm
+
+
 # ---------------------------------------------------------------------------------------- report
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else math.nan
@@ -459,6 +574,18 @@ def summarise_one_stage(section: dict[str, dict], ours: str, ref: str, key: str)
     out[f"{key}_paired"] = _median(paired) if paired else math.nan
     if ours == "instseg_yolact":  # the issue states this one as a speed-up
         out["speedup_yolact_vs_mask_rcnn"] = _ratio(section[ref]["ms"], section[ours]["ms"])
+    return out
+
+
+def summarise_rdsnet(section: dict[str, dict]) -> dict[str, float]:
+    """RDSNet (no refine) over YOLACT and over Mask R-CNN, medians and per-round; refine over plain."""
+    out: dict[str, float] = {}
+    for ref, key in (("instseg_yolact", "rdsnet_over_yolact"), ("instseg_mask_rcnn", "rdsnet_over_mask_rcnn"),
+                     ("instseg_rdsnet", "rdsnet_refine_over_rdsnet")):
+        ours = "instseg_rdsnet_refine" if ref == "instseg_rdsnet" else "instseg_rdsnet"
+        out[key] = _ratio(section[ours]["ms"], section[ref]["ms"])
+        paired = [_ratio(a, b) for a, b in zip(section[ours]["all_ms"], section[ref]["all_ms"])]
+        out[f"{key}_paired"] = _median(paired) if paired else math.nan
     return out
 
 
@@ -494,6 +621,26 @@ TABLE = (
             ("speedup_yolact_vs_mask_rcnn", "speed-up YOLACT vs Mask R-CNN (x)", ".2f"),
         ),
     ),
+    (
+        "rdsnet_inference",
+        (
+            ("instseg_rdsnet", "instseg RDSNet R50-FPN 800x1216"),
+            ("instseg_rdsnet_refine", "instseg RDSNet R50-FPN + MBRM 800x1216"),
+            ("instseg_yolact", "instseg YOLACT-550 R50-FPN"),
+            ("instseg_mask_rcnn", "instseg Mask R-CNN R50-FPN 800x1216"),
+        ),
+        (
+            ("rdsnet_over_yolact", "ratio RDSNet / YOLACT", ".3f"),
+            ("rdsnet_over_yolact_paired", "ratio, median of per-round ratios", ".3f"),
+            ("rdsnet_over_mask_rcnn", "ratio RDSNet / Mask R-CNN", ".3f"),
+            ("rdsnet_over_mask_rcnn_paired", "ratio, median of per-round ratios", ".3f"),
+            ("rdsnet_refine_over_rdsnet", "ratio RDSNet + MBRM / RDSNet", ".3f"),
+            ("rdsnet_refine_over_rdsnet_paired", "ratio, median of per-round ratios", ".3f"),
+            ("refine_minus_plain_ms", "MBRM: refine - plain, ms/img", ".1f"),
+            ("refine_minus_plain_paired_ms", "MBRM: median per-round refine - plain", ".1f"),
+            ("mbrm_alone_ms", "MBRM alone, 100 dets, ms/img", ".1f"),
+        ),
+    ),
 )
 
 
@@ -524,12 +671,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--family", choices=FAMILIES, default="two-stage",
         help="two-stage: Mask R-CNN / HTC vs torchvision (default); one-stage: RetinaNet vs torchvision and "
-        "YOLACT vs Mask R-CNN; all: both",
+        "YOLACT vs Mask R-CNN; rdsnet: RDSNet (with / without MBRM) vs YOLACT vs Mask R-CNN, and MBRM alone; "
+        "all: all of them",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (both models)")
     p.add_argument("--iters", type=int, default=5, help="timed rounds per model")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per model before timing")
+    p.add_argument("--mbrm-iters", type=int, default=20, help="rdsnet: timed calls of MBRM alone")
     p.add_argument("--num-gt", type=int, default=10, help="synthetic ground-truth instances for training")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-inference", action="store_true")
@@ -547,7 +696,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out", type=Path, default=None,
         help="JSON file (default benchmarks/results/speed_<host>.json; speed_one_stage_<host>.json for "
-        "--family one-stage, speed_all_<host>.json for all)",
+        "--family one-stage, speed_rdsnet_<host>.json for rdsnet, speed_all_<host>.json for all)",
     )
     return p.parse_args(argv)
 
@@ -574,6 +723,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     two_stage = args.family in ("two-stage", "all")
     one_stage = args.family in ("one-stage", "all")
+    rdsnet = args.family in ("rdsnet", "all")
     if one_stage:
         results["retinanet_train_channels_last"] = args.retinanet_train_channels_last
     if two_stage and not args.skip_inference:
@@ -598,8 +748,15 @@ def main(argv: list[str] | None = None) -> dict:
         results["yolact_inference_ratios"] = summarise_one_stage(
             sec, "instseg_yolact", "instseg_mask_rcnn", "yolact_over_mask_rcnn"
         )
+    if rdsnet and not args.skip_inference:
+        sec, mbrm = bench_rdsnet_inference(args, device, img)
+        results["rdsnet_inference"] = sec
+        results["rdsnet_mbrm"] = mbrm
+        ratios = results["rdsnet_inference_ratios"] = summarise_rdsnet(sec)
+        for key in ("refine_minus_plain_ms", "refine_minus_plain_paired_ms", "mbrm_alone_ms"):
+            ratios[key] = mbrm[key]
     print_table(results)
-    suffix = {"two-stage": "", "one-stage": "one_stage_", "all": "all_"}[args.family]
+    suffix = {"two-stage": "", "one-stage": "one_stage_", "rdsnet": "rdsnet_", "all": "all_"}[args.family]
     out = args.out or Path(__file__).resolve().parent / "results" / f"speed_{suffix}{host}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
