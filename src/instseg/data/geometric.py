@@ -22,14 +22,8 @@ from torch import Tensor
 
 from instseg.data.augment import _coin, _RandomTransform, _uniform, crop_sample, select_instances
 from instseg.data.coco import Sample
+from instseg.ops.boxes import flip_boxes
 from instseg.structures.instances import ImageTargets
-
-
-def _vflip_boxes(boxes: Tensor, height: int) -> Tensor:
-    out = boxes.clone()
-    out[:, 1] = height - boxes[:, 3]
-    out[:, 3] = height - boxes[:, 1]
-    return out
 
 
 def _rot90_boxes(boxes: Tensor, width: int) -> Tensor:
@@ -44,10 +38,10 @@ def vflip_sample(sample: Sample) -> Sample:
     t = sample.targets
     targets = replace(
         t,
-        boxes=_vflip_boxes(t.boxes, h),
+        boxes=flip_boxes(t.boxes, h, vertical=True),
         masks=None if t.masks is None else t.masks.flip_vertical(),
         semantic=None if t.semantic is None else t.semantic.flip(-2),
-        crowd_boxes=None if t.crowd_boxes is None else _vflip_boxes(t.crowd_boxes, h),
+        crowd_boxes=None if t.crowd_boxes is None else flip_boxes(t.crowd_boxes, h, vertical=True),
     )
     return replace(sample, image=TF.vertical_flip(sample.image), targets=targets)
 

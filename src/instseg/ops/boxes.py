@@ -34,11 +34,13 @@ def rescale_boxes(boxes: Tensor, scale_factor: Tensor) -> Tensor:
     return boxes / scale_factor.to(boxes).repeat(2)[None]
 
 
-def flip_boxes(boxes: Tensor, width: int) -> Tensor:
-    """Mirrors XYXY boxes horizontally in an image ``width`` pixels wide."""
+def flip_boxes(boxes: Tensor, size: int, *, vertical: bool = False) -> Tensor:
+    """Mirrors XYXY boxes horizontally in an image ``size`` pixels wide (or, with ``vertical``,
+    top-to-bottom in an image ``size`` pixels high)."""
+    lo, hi = (1, 3) if vertical else (0, 2)
     out = boxes.clone()
-    out[:, 0] = width - boxes[:, 2]
-    out[:, 2] = width - boxes[:, 0]
+    out[:, lo] = size - boxes[:, hi]
+    out[:, hi] = size - boxes[:, lo]
     return out
 
 
