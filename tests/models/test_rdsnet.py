@@ -348,3 +348,20 @@ def test_mbrm_second_stage_trains_only_the_kernel_through_the_trainer(tmp_path):
     train_recs = [r for r in records if r.get("mode") == "train"]
     assert train_recs and all("loss_mbrm" in r and "loss_mask" not in r for r in train_recs)
     assert all(math.isfinite(r["loss_mbrm"]) and r["loss_mbrm"] > 0 for r in train_recs)
+
+
+def test_every_official_config_name_is_a_preset():
+    """The six configs of ``wangsr126/RDSNet`` (``configs/rdsnet``) resolve by their own names; the
+    refine ones differ from their plain twin only by MBRM."""
+    from instseg.config.presets import get_preset
+
+    for plain, refine, two_x in (
+        ("rdsnet_r50_fpn_1x", "rdsnet_refine_r50_fpn_1x", False),
+        ("rdsnet_r101_fpn_1x", "rdsnet_refine_r101_fpn_1x", False),
+        ("rdsnet_640_800_r101_fpn_2x", "rdsnet_640_800_refine_r101_fpn_2x", True),
+    ):
+        p, r = get_preset(plain), get_preset(refine)
+        assert (p.model.rdsnet.refine, r.model.rdsnet.refine) == (False, True)
+        r.model.rdsnet.refine, r.name = False, p.name
+        assert r == p
+        assert (p.train.epochs, p.data.train_short_range) == ((24, (640, 800)) if two_x else (12, (0, 0)))

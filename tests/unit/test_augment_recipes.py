@@ -18,6 +18,7 @@ from instseg.config.schema import DataConfig
 from instseg.data.augment import build_augmentation
 from instseg.data.build import build_dataset, holdout_split
 from instseg.data.collate import collate
+from instseg.data.colour import RandomGrayscale, RandomInvert
 from instseg.data.copy_paste import CopyPaste, paste
 from instseg.data.geometric import LargeScaleJitter, RandomRot90, RandomVerticalFlip, rot90_sample, vflip_sample
 from instseg.data.transforms import build_transforms
@@ -179,8 +180,28 @@ def test_copy_paste_transform_is_seeded_and_consistent():
     assert grew > 0
 
 
+def test_colour_transforms_change_only_the_image_and_follow_the_sample_seed():
+    s = _sample(4)
+    inverted = RandomInvert(1.0)(s)
+    torch.testing.assert_close(inverted.image, 255.0 - s.image.float())
+    grey = RandomGrayscale(1.0)(s).image
+    luma = 0.2989 * s.image[0] + 0.587 * s.image[1] + 0.114 * s.image[2]
+    for c in range(3):
+        torch.testing.assert_close(grey[c], luma, atol=1e-3, rtol=0)
+    for out in (inverted, RandomGrayscale(1.0)(s)):
+        assert out.targets is s.targets and out.meta == s.meta
+    assert torch.equal(RandomInvert(0.0)(s).image, s.image)
+    # p = 0.5: the per-sample generator decides, so equal seeds give equal images, and both outcomes occur
+    outcomes = set()
+    for seed in range(12):
+        a, b = RandomInvert()(_sample(4, gen_seed=seed)), RandomInvert()(_sample(4, gen_seed=seed))
+        assert torch.equal(a.image, b.image)
+        outcomes.add(bool(torch.equal(a.image, s.image)))
+    assert outcomes == {True, False}
+
+
 def test_pipeline_names_build_and_lsj_replaces_resize():
-    for name in ("vflip", "rot90", "lsj", "copy_paste"):
+    for name in ("vflip", "rot90", "lsj", "copy_paste", "grayscale", "invert"):
         assert build_augmentation(name) is not None
     cfg = DataConfig(scale=(200, 150), train_pipeline=("rot90", "vflip", "lsj"))
     names = [type(t).__name__ for t in build_transforms(cfg, train=True)]

@@ -635,12 +635,14 @@ def rdsnet_refine_r101_fpn_1x() -> Config:
 
 
 @preset
+@preset_named("rdsnet_640_800_r101_fpn_2x")  # the official config's own name
 def rdsnet_r101_fpn_2x() -> Config:
     """Official ``rdsnet_640_800_r101_fpn_2x`` (README: 40.8 box / 36.2 mask AP on minival)."""
     return _rdsnet_coco("resnet101", refine=False, two_x=True)
 
 
 @preset
+@preset_named("rdsnet_640_800_refine_r101_fpn_2x")
 def rdsnet_refine_r101_fpn_2x() -> Config:
     """Official ``rdsnet_640_800_refine_r101_fpn_2x`` (README: 41.8 box / 36.2 mask AP on minival)."""
     return _rdsnet_coco("resnet101", refine=True, two_x=True)

@@ -34,7 +34,7 @@ from instseg.structures.instances import IGNORE_LABEL, ImageTargets
 STYLES = ("yolact", "mmdet")
 AUGMENTATIONS = (
     "photometric_yolact", "photometric_mmdet", "expand", "crop_yolact", "crop_mmdet", "filter_small",
-    "vflip", "rot90", "lsj", "copy_paste",
+    "vflip", "rot90", "lsj", "copy_paste", "grayscale", "invert",
 )
 FLT_EPSILON = 1.1920929e-07  # the epsilon of OpenCV's float RGB <-> HSV conversion
 
@@ -515,7 +515,7 @@ def build_augmentation(
     """The augmentation called ``name`` (one of ``AUGMENTATIONS``) with its reference settings;
     ``mean`` (RGB) fills the expand canvas; ``scale`` (``data.scale``) is large-scale jitter's
     reference size.  ``vflip``, ``rot90``, ``lsj`` live in ``instseg.data.geometric`` and
-    ``copy_paste`` in ``instseg.data.copy_paste`` (imported here lazily: they build on this module)."""
+    ``copy_paste`` in ``instseg.data.copy_paste``, ``grayscale`` and ``invert`` in ``instseg.data.colour`` (imported here lazily: they build on this module)."""
     if name in ("vflip", "rot90", "lsj"):
         from instseg.data import geometric
 
@@ -528,6 +528,10 @@ def build_augmentation(
         from instseg.data.copy_paste import CopyPaste
 
         return CopyPaste()
+    if name in ("grayscale", "invert"):
+        from instseg.data import colour
+
+        return colour.RandomGrayscale() if name == "grayscale" else colour.RandomInvert()
     if name == "photometric_yolact":
         return PhotometricDistort("yolact")
     if name == "photometric_mmdet":
