@@ -436,12 +436,20 @@ def bench_retinanet_train(args: argparse.Namespace, device: torch.device, img: T
     return {k: {"ms": _median(v), "all_ms": v} for k, v in times.items()}
 
 
+def build_yolact_and_mask_rcnn(device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """The two peers of the one-stage comparisons: YOLACT-550 R-50 and Mask R-CNN R-50-FPN, score
+    threshold 0, in eval mode and ready for inference."""
+    models = []
+    for preset in (YOLACT_PRESET, "mask_rcnn_r50_fpn_1x_coco"):
+        model = build_instseg(preset, device, score_thr=0.0).eval()
+        model.optimize_for_inference()
+        models.append(model)
+    return models[0], models[1]
+
+
 def bench_yolact_inference(args: argparse.Namespace, device: torch.device, img: Tensor) -> dict[str, dict]:
     """YOLACT-550 R-50 (preset, score threshold 0) vs instseg's Mask R-CNN R-50 at 800x1216."""
-    yolact = build_instseg(YOLACT_PRESET, device, score_thr=0.0).eval()
-    yolact.optimize_for_inference()
-    mrcnn = build_instseg("mask_rcnn_r50_fpn_1x_coco", device, score_thr=0.0).eval()
-    mrcnn.optimize_for_inference()
+    yolact, mrcnn = build_yolact_and_mask_rcnn(device)
     y_batch = yolact_batch(img, device)
     m_batch = instseg_batch(img, device)
 
@@ -487,10 +495,7 @@ def bench_rdsnet_inference(
     rdsnet_refine.load_state_dict(rdsnet.state_dict())  # same weights: the two differ only by MBRM
     rdsnet.optimize_for_inference()
     rdsnet_refine.optimize_for_inference()
-    yolact = build_instseg(YOLACT_PRESET, device, score_thr=0.0).eval()
-    yolact.optimize_for_inference()
-    mrcnn = build_instseg("mask_rcnn_r50_fpn_1x_coco", device, score_thr=0.0).eval()
-    mrcnn.optimize_for_inference()
+    yolact, mrcnn = build_yolact_and_mask_rcnn(device)
     batch = instseg_batch(img, device)
     y_batch = yolact_batch(img, device)
 

@@ -50,6 +50,27 @@ class _RandomTransform:
         return sample.generator if sample.generator is not None else self.generator
 
 
+class _SometimesTransform(_RandomTransform):
+    """Applies ``apply(sample)`` with probability ``prob``: one ``U(0, 1)`` draw per sample decides."""
+
+    def __init__(self, prob: float = 0.5, seed: int | None = None) -> None:
+        super().__init__(seed)
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"{type(self).__name__} prob must be in [0, 1], got {prob}")
+        self.prob = float(prob)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prob={self.prob})"
+
+    def __call__(self, sample: Sample) -> Sample:
+        if _uniform(self._gen(sample), 0.0, 1.0) >= self.prob:
+            return sample
+        return self.apply(sample)
+
+    def apply(self, sample: Sample) -> Sample:
+        raise NotImplementedError
+
+
 def _uniform(g: torch.Generator | None, lo: float, hi: float) -> float:
     """``numpy.random.uniform(lo, hi)``: ``lo + (hi - lo) * u`` with ``u`` in [0, 1) (float64)."""
     return lo + (hi - lo) * float(torch.rand((), dtype=torch.float64, generator=g))

@@ -20,7 +20,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-from instseg.data.augment import _coin, _RandomTransform, _uniform, crop_sample, select_instances
+from instseg.data.augment import _coin, _RandomTransform, _SometimesTransform, _uniform, crop_sample, select_instances
 from instseg.data.coco import Sample
 from instseg.ops.boxes import flip_boxes
 from instseg.structures.instances import ImageTargets
@@ -71,21 +71,10 @@ def rot90_sample(sample: Sample, k: int) -> Sample:
     return replace(sample, image=torch.rot90(image, k, dims=(-2, -1)).contiguous(), targets=targets, meta=meta)
 
 
-class RandomVerticalFlip(_RandomTransform):
+class RandomVerticalFlip(_SometimesTransform):
     """Vertical flip with probability ``prob``."""
 
-    def __init__(self, prob: float = 0.5, seed: int | None = None) -> None:
-        super().__init__(seed)
-        if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"vertical flip prob must be in [0, 1], got {prob}")
-        self.prob = float(prob)
-
-    def __repr__(self) -> str:
-        return f"RandomVerticalFlip(prob={self.prob})"
-
-    def __call__(self, sample: Sample) -> Sample:
-        if _uniform(self._gen(sample), 0.0, 1.0) >= self.prob:
-            return sample
+    def apply(self, sample: Sample) -> Sample:
         return vflip_sample(sample)
 
 
